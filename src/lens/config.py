@@ -1,0 +1,136 @@
+"""Typed configuration. Every hyper-parameter of the paper has exactly one home here, with its default.
+
+Configs are plain dataclasses so they read like documentation, round-trip through YAML, and are saved
+beside every checkpoint (``lens_config.yaml``) so weights never travel without the model they belong to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen MLLM. Nothing here is trained."""
+
+    name: str = "llava"  # key in lens.backbone.BACKBONES
+    model_id: str = "llava-hf/llava-1.5-7b-hf"  # hub id or local directory
+    revision: str | None = None
+    layer: int = 14  # k: the head reads the output of decoder layer k (1-based; paper: 14 of 32)
+    dtype: str = "bfloat16"  # dtype the frozen MLLM runs in ("float32" on CPU)
+
+
+@dataclass
+class HeadConfig:
+    """The two-layer segmentation head (paper §3.1); its shape mirrors one backbone decoder layer."""
+
+    init_from_backbone: bool = False  # copy the weights of backbone layers k+1 and k+2 into the head
+
+
+@dataclass
+class KeypointConfig:
+    """Keypoint extraction (paper §3.2, S1.1-S1.2)."""
+
+    max_points: int = 16  # m (= N in S1.1): at most this many keypoints per image
+    nms_radius: float = 4.0  # r: suppression radius, in attention-grid cells (Euclidean)
+    subpixel_eps: float = 1e-6  # ε: Tikhonov term of the regularised Newton step
+    neighbourhood: int = 3  # p: a p×p patch of layer-2 features is sampled around each keypoint
+
+
+@dataclass
+class DescriptorConfig:
+    """The descriptor model (paper S1.3-S1.4)."""
+
+    num_heads: int = 8
+    global_only_prob: float = 0.5  # S1.4: during training, use only the global description with this prob.
+
+
+@dataclass
+class DecoderConfig:
+    """The SAM bridge (paper §3.3)."""
+
+    model_id: str = "facebook/sam-vit-huge"  # hub id or local directory
+    revision: str | None = None
+    train_mask_decoder: bool = True  # SAM's image encoder and prompt encoder always stay frozen
+    mask_threshold: float = 0.0  # logits above this are foreground (reference protocol)
+
+
+@dataclass
+class LossConfig:
+    """L = λ_dice·Dice + λ_bce·BCE on the mask, plus λ_attn·BCE(A_c, M) (paper eq. 5-7, §4.1)."""
+
+    dice_weight: float = 2.0
+    bce_weight: float = 4.0
+    attention_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (paper §4.1; other settings follow LISA)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    max_steps: int = 5000
+    batch_size: int = 2
+    grad_accum_steps: int = 10
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
+    seed: int = 0
+
+
+@dataclass
+class LensConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LensConfig:
+        return _from_dict(cls, data, "config")
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LensConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build a (nested) dataclass from a dict, naming any unknown key instead of silently dropping it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        sub = default() if default is not None else None
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = _from_dict(type(sub), value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
