@@ -125,7 +125,9 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        default = (
+            fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        )
         sub = default() if default is not None else None
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(type(sub), value, f"{where}.{name}")

@@ -1,0 +1,38 @@
+"""Frozen MLLM adapters, by name. A new family = one module + one line in ``BACKBONES``."""
+
+from __future__ import annotations
+
+import torch
+
+from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until
+from lens.backbone.llava import LlavaBackbone
+from lens.config import BackboneConfig
+
+BACKBONES: dict[str, type[Backbone]] = {"llava": LlavaBackbone}
+
+
+def load_backbone(
+    config: BackboneConfig, device: str | torch.device = "cpu", sam_size: int = 1024
+) -> Backbone:
+    """Load the frozen MLLM named by ``config`` (hub id or local directory)."""
+    if config.name not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.name!r}; available: {sorted(BACKBONES)}")
+    return BACKBONES[config.name].from_pretrained(
+        config.model_id,
+        layer=config.layer,
+        revision=config.revision,
+        dtype=getattr(torch, config.dtype),
+        device=device,
+        sam_size=sam_size,
+    )
+
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "BackboneFeatures",
+    "LayerSpec",
+    "LlavaBackbone",
+    "load_backbone",
+    "run_until",
+]

@@ -1,0 +1,199 @@
+"""Adapter for Hugging Face LLaVA-1.5 (``LlavaForConditionalGeneration``, e.g. ``llava-hf/llava-1.5-7b-hf``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until
+from lens.geometry import ImageGeometry
+
+logger = logging.getLogger(__name__)
+
+
+def pad_not_crop(processor) -> None:
+    """Make the processor pad images to a square (as LLaVA-1.5 was trained) instead of centre-cropping.
+
+    ``llava-hf`` checkpoints ship a ``CLIPImageProcessor`` that resizes the short side and centre-crops,
+    which silently hides the left/right (or top/bottom) of non-square images from the MLLM and breaks the
+    grid → image mapping. LLaVA-1.5 itself pads to a square with the mean colour; we do the same.
+    """
+    ip = processor.image_processor
+    if not hasattr(ip, "pad_to_square"):
+        logger.info("Replacing %s with a pad-to-square LLaVA image processor", type(ip).__name__)
+        ip = LlavaImageProcessorPil(
+            size=ip.size,
+            crop_size=ip.crop_size,
+            resample=ip.resample,
+            image_mean=ip.image_mean,
+            image_std=ip.image_std,
+        )
+        processor.image_processor = ip
+    ip.do_pad = True
+    ip.do_center_crop = False  # a square padded image resized on its short side is already square
+
+
+class LlavaBackbone(Backbone):
+    """Frozen LLaVA-1.5 that runs only its first ``layer`` decoder layers.
+
+    Arguments:
+        model: the MLLM; it is frozen and put in eval mode here and never changes afterwards.
+        processor: its ``LlavaProcessor`` (tokenizer with the model's own chat template).
+        layer: k, the 1-based decoder layer whose output the head reads.
+        sam_size: side of SAM's square input, recorded in each image's geometry.
+    """
+
+    def __init__(
+        self, model: LlavaForConditionalGeneration, processor, layer: int = 14, sam_size: int = 1024
+    ):
+        super().__init__()
+        text_config = model.config.text_config
+        if not 1 <= layer <= text_config.num_hidden_layers:
+            raise ValueError(f"layer must be in [1, {text_config.num_hidden_layers}], got {layer}")
+        self.model = model.requires_grad_(False).eval()
+        self.processor = processor
+        self.layer = layer
+        self.sam_size = sam_size
+        pad_not_crop(processor)
+        processor.tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1
+        vision = model.config.vision_config
+        self.mllm_size = vision.image_size
+        side = vision.image_size // vision.patch_size
+        self.grid_size = (side, side)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        layer: int = 14,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        sam_size: int = 1024,
+    ) -> LlavaBackbone:
+        model = LlavaForConditionalGeneration.from_pretrained(model_id, revision=revision, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        return cls(model.to(device), processor, layer=layer, sam_size=sam_size)
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def _prompts(self, instructions: Sequence[str]) -> list[str]:
+        # The model's own chat template; add_generation_prompt ends the prompt with the assistant marker,
+        # so the last prompt token is the start of the answer.
+        return [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                add_generation_prompt=True,
+            )
+            for text in instructions
+        ]
+
+    def _inputs(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> dict[str, Tensor]:
+        if len(images) != len(instructions):
+            raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+        rgb = [image.convert("RGB") for image in images]
+        enc = self.processor(images=rgb, text=self._prompts(instructions), padding=True, return_tensors="pt")
+        side = enc["pixel_values"].shape[-1]
+        if enc["pixel_values"].shape[-2] != side or side != self.mllm_size:
+            raise RuntimeError(
+                f"processor produced {tuple(enc['pixel_values'].shape)}, not {self.mllm_size}²"
+            )
+        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
+        inputs = self._inputs(images, instructions)
+        with torch.inference_mode():
+            hidden = run_until(
+                self.model.model, self.decoder_layers[self.layer - 1], **inputs, use_cache=False
+            )
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        image_span, text_span = self._spans(input_ids, attention_mask)
+        geometries = [
+            ImageGeometry(
+                width=im.width,
+                height=im.height,
+                grid_h=self.grid_size[0],
+                grid_w=self.grid_size[1],
+                mllm_size=self.mllm_size,
+                sam_size=self.sam_size,
+            )
+            for im in images
+        ]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return BackboneFeatures(
+            hidden_states=hidden.clone(),  # clone: inference-mode tensors cannot enter autograd
+            attention_mask=attention_mask.clone(),
+            position_ids=positions.clone(),
+            image_span=image_span,
+            text_span=text_span,
+            answer_index=text_span[:, 1] - 1,
+            grid_size=self.grid_size,
+            geometries=geometries,
+        )
+
+    def _spans(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """[start, end) of the image tokens and of the prompt tokens after them, per row."""
+        is_image = input_ids == self.model.config.image_token_id  # (B, L)
+        n_image = self.grid_size[0] * self.grid_size[1]
+        counts = is_image.sum(1)
+        if (counts != n_image).any():
+            raise ValueError(f"expected {n_image} image tokens per prompt, got {counts.tolist()}")
+        start = is_image.int().argmax(1)  # first image token
+        end = start + n_image
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        contiguous = ((positions >= start[:, None]) & (positions < end[:, None])) == is_image
+        if not contiguous.all():
+            raise ValueError("image tokens are not contiguous in the prompt")
+        n_real = attention_mask.sum(1)
+        if not (attention_mask == (positions < n_real[:, None])).all():
+            raise ValueError("expected right padding (real tokens first)")
+        return torch.stack([start, end], 1), torch.stack([end, n_real], 1)
+
+    def layer_spec(self) -> LayerSpec:
+        c = self.model.config.text_config
+        rope = dict(getattr(c, "rope_parameters", None) or {})
+        if rope.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"the head mirrors default RoPE only, got {rope.get('rope_type')}")
+        return LayerSpec(
+            hidden_size=c.hidden_size,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+            hidden_act=c.hidden_act,
+            attention_bias=c.attention_bias,
+            mlp_bias=c.mlp_bias,
+        )
+
+    def decoder_layer_state(self, index: int) -> dict[str, Tensor]:
+        n = len(self.decoder_layers)
+        if not 1 <= index <= n:
+            raise ValueError(f"the backbone has decoder layers 1..{n}; cannot copy layer {index}")
+        return {k: v.detach().clone() for k, v in self.decoder_layers[index - 1].state_dict().items()}
+
+    def generate(
+        self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int = 32
+    ) -> list[str]:
+        answers = []
+        for image, text in zip(images, instructions, strict=True):  # one at a time: no left-padding games
+            inputs = self._inputs([image], [text])
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1] :]
+            answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return answers

@@ -1,0 +1,104 @@
+"""The SAM bridge (paper §3.3): keypoints + descriptions become SAM's sparse prompts.
+
+SAM labels a point prompt with a learned "positive"/"negative" embedding; LENS replaces that label with the
+point's *description* d_i, so the decoder learns from the MLLM what each point means. Positions use SAM's own
+positional encoding; f_s has no position, so it gets a learned [CLS] one. The image encoder runs once per
+image, frozen (its embeddings can be cached); only the mask decoder may train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import SamModel, SamProcessor
+
+
+class SamBridge(nn.Module):
+    """Hugging Face ``SamModel`` driven by LENS prompts.
+
+    Arguments:
+        sam: the SAM model; its image encoder and prompt encoder are frozen here.
+        processor: its ``SamProcessor`` (resize longest side + normalise + pad bottom-right).
+        train_mask_decoder: whether the mask decoder is fine-tuned with the head (paper: yes).
+    """
+
+    def __init__(self, sam: SamModel, processor: SamProcessor, train_mask_decoder: bool = True):
+        super().__init__()
+        self.sam = sam.requires_grad_(False)
+        self.sam.mask_decoder.requires_grad_(train_mask_decoder)
+        # Parts that cannot influence LENS's single-mask output or loss stay as pretrained (and out of the
+        # optimizer and DDP's unused set): SAM's IoU head and the hypernetworks of the multimask outputs.
+        decoder = self.sam.mask_decoder
+        decoder.iou_prediction_head.requires_grad_(False)
+        for mlp in decoder.output_hypernetworks_mlps[1:]:
+            mlp.requires_grad_(False)
+        self.processor = processor
+        self.prompt_dim = sam.config.prompt_encoder_config.hidden_size
+        self.image_size = sam.config.prompt_encoder_config.image_size
+        self.cls_position = nn.Parameter(torch.randn(1, self.prompt_dim) * 0.02)  # [CLS] position of f_s
+
+    def train(self, mode: bool = True) -> SamBridge:
+        super().train(mode)
+        self.sam.vision_encoder.eval()  # frozen parts never switch to training behaviour
+        self.sam.prompt_encoder.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_position.device
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
+        """SAM image-encoder features (B, d_s, h, w): run once per image, cacheable."""
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
+        dtype = self.sam.vision_encoder.patch_embed.projection.weight.dtype
+        return self.sam.get_image_embeddings(pixels.to(self.device, dtype)).clone()
+
+    def forward(
+        self,
+        image_embeddings: Tensor,  # (B, d_s, h, w)
+        descriptions: Tensor,  # (B, 1 + m, d_s) global description first
+        points: Tensor,  # (B, m, 2) x, y in SAM input pixels (continuous)
+        valid: Tensor,  # (B, m) bool
+    ) -> tuple[Tensor, Tensor]:
+        """Returns low-resolution mask logits (B, 4h, 4w) and SAM's predicted IoU (B,)."""
+        sam = self.sam
+        B = descriptions.shape[0]
+        # Our coordinates are continuous (pixel centres at +0.5), so no extra half-pixel shift here.
+        positions = sam.shared_image_embedding(points / self.image_size)  # (B, m, d_s)
+        keypoint_prompts = descriptions[:, 1:] + positions.to(descriptions.dtype)
+        # Invalid slots become SAM's own padding point, exactly as SAM pads its point prompts.
+        padding = sam.prompt_encoder.not_a_point_embed.weight.to(descriptions.dtype)  # (1, d_s)
+        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
+        global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
+        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
+
+        h, w = image_embeddings.shape[-2:]
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
+        masks, iou = sam.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=image_pe.to(image_embeddings.dtype),
+            sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
+            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
+            multimask_output=False,
+        )
+        return masks[:, 0, 0], iou[:, 0, 0]  # (B, 4h, 4w), (B,)
+
+
+def load_sam(
+    model_id: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    train_mask_decoder: bool = True,
+) -> SamBridge:
+    """SAM from a hub id (e.g. ``facebook/sam-vit-huge``) or a local ``save_pretrained`` directory."""
+    sam = SamModel.from_pretrained(model_id, revision=revision, dtype=dtype).to(device).eval()
+    processor = SamProcessor.from_pretrained(model_id, revision=revision)
+    return SamBridge(sam, processor, train_mask_decoder=train_mask_decoder).to(device)

@@ -1,0 +1,162 @@
+"""The segmentation head (paper §3.1): two transformer layers shaped exactly like one backbone decoder layer.
+
+Layer 1 recomputes the full causal attention explicitly, because its text→image part *is* the output we
+supervise: A_c, the grounding map. Layer 2 enhances the features; its start-of-answer token becomes the
+semantic query f_s. Parameter names follow Llama's (``self_attn.q_proj``, ``mlp.gate_proj``, ...) so the
+head can start from backbone layers k+1 and k+2 with a plain ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from lens.backbone.base import LayerSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Llama's default RoPE tables for the given positions: cos, sin of shape (B, 1, L, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) self-attention that returns its probabilities."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        d, hd = spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.attention_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        B, L, _ = x.shape
+        s = self.spec
+        q = self.q_proj(x).view(B, L, s.num_heads, s.head_dim).transpose(1, 2)  # (B, h, L, hd)
+        k = self.k_proj(x).view(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, L, hd)
+        v = self.v_proj(x).view(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        groups = s.num_heads // s.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, h, L, hd)
+        scores = q @ k.transpose(-1, -2) * s.head_dim**-0.5 + mask  # (B, h, L, L)
+        probs = scores.float().softmax(-1).to(q.dtype)  # A¹ of eq. (1), explicit because it is supervised
+        out = (probs @ v).transpose(1, 2).reshape(B, L, s.num_heads * s.head_dim)
+        return self.o_proj(out), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = ACT2FN[spec.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HeadLayer(nn.Module):
+    """One pre-norm decoder layer, the mirror of the backbone's."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        attn, probs = self.self_attn(self.input_layernorm(x), rope, mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+@dataclass
+class HeadOutput:
+    hidden_states: Tensor  # (B, L, d) H²_out: layer-2 features of every token
+    attention_map: Tensor  # (B, gh, gw) A_c in [0, 1], the supervised grounding map
+    attention_scores: Tensor  # (B, gh, gw) n_img · mean text→image attention, unclipped (keypoints read this)
+
+
+def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive (B, 1, L, L) mask: a query sees earlier real tokens only (M_a of eq. 1)."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask[:, None, :]  # (B, L, L)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
+
+
+def text_to_image_attention(probs: Tensor, image_span: Tensor, text_mask: Tensor, n_image: int) -> Tensor:
+    """Average of A¹[text rows, image columns] over heads and text tokens: (B, h, L, L) -> (B, n_image)."""
+    mean_heads = probs.float().mean(1)  # (B, L, L)
+    cols = image_span[:, :1] + torch.arange(n_image, device=probs.device)  # (B, n_image)
+    to_image = mean_heads.gather(2, cols[:, None, :].expand(-1, mean_heads.shape[1], -1))  # (B, L, n_image)
+    weights = text_mask.float()  # (B, L)
+    return (to_image * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
+class SegmentationHead(nn.Module):
+    """Two backbone-shaped layers: attention refinement (→ A_c), then feature enhancement.
+
+    Normalisation of A_c: each attention row is a softmax over *all* tokens, so a raw text→image weight
+    is at most 1 and typically ~1/n_image. We scale by n_image (a cell receiving exactly its uniform share
+    scores 1) and clip to 1: every cell of a target can then reach 1 at once when attention concentrates
+    on the target, and attention parked on text tokens (the attention sink) gives an all-zero map, which
+    is what an absent target asks for.
+    """
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList([HeadLayer(spec), HeadLayer(spec)])
+
+    def forward(
+        self,
+        hidden_states: Tensor,  # (B, L, d) backbone layer-k output
+        attention_mask: Tensor,  # (B, L) bool
+        position_ids: Tensor,  # (B, L)
+        image_span: Tensor,  # (B, 2)
+        text_span: Tensor,  # (B, 2)
+        grid_size: tuple[int, int],
+    ) -> HeadOutput:
+        x = hidden_states.to(self.layers[0].input_layernorm.weight.dtype)
+        mask = causal_mask(attention_mask, x.dtype)
+        rope = rotary(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)
+        x, probs = self.layers[0](x, rope, mask)
+        x, _ = self.layers[1](x, rope, mask)
+
+        gh, gw = grid_size
+        positions = torch.arange(x.shape[1], device=x.device)
+        text_mask = (positions >= text_span[:, :1]) & (positions < text_span[:, 1:])  # (B, L)
+        scores = text_to_image_attention(probs, image_span, text_mask, gh * gw) * (gh * gw)  # (B, n_image)
+        scores = scores.view(-1, gh, gw)
+        return HeadOutput(hidden_states=x, attention_map=scores.clamp(max=1.0), attention_scores=scores)

@@ -1,0 +1,98 @@
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from lens.backbone import LayerSpec
+from lens.head import SegmentationHead, causal_mask, rotary, text_to_image_attention
+
+SPEC = LayerSpec(
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+
+
+def _inputs(B=2, L=12, image=(2, 8), text_end=(12, 10)):
+    torch.manual_seed(0)
+    hidden = torch.randn(B, L, SPEC.hidden_size)
+    attention_mask = torch.arange(L)[None] < torch.tensor(text_end)[:, None]
+    positions = torch.arange(L).expand(B, L)
+    image_span = torch.tensor([image] * B)
+    text_span = torch.stack([image_span[:, 1], torch.tensor(text_end)], 1)
+    return hidden, attention_mask, positions, image_span, text_span
+
+
+def test_layer_matches_hf_llama_decoder_layer():
+    """The head mirrors the backbone layer exactly: same weights, same output (independent reference)."""
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6
+    )
+    config._attn_implementation = "eager"
+    hf_layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    for p in hf_layer.parameters():  # RMSNorm weights are ones by default: make the test sensitive to them
+        torch.nn.init.normal_(p, std=0.1)
+    head = SegmentationHead(SPEC)
+    head.layers[0].load_state_dict(hf_layer.state_dict())
+    hidden, attention_mask, positions, *_ = _inputs(B=1, text_end=(12,))
+    mask = causal_mask(attention_mask, torch.float32)
+    rope = LlamaRotaryEmbedding(config)(hidden, positions[:1])
+    expected = hf_layer(hidden, attention_mask=mask, position_embeddings=rope)
+    ours, _ = head.layers[0](
+        hidden, rotary(positions[:1], SPEC.head_dim, SPEC.rope_theta, torch.float32), mask
+    )
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_map_shape_range_and_normalisation():
+    head = SegmentationHead(SPEC)
+    hidden, attention_mask, positions, image_span, text_span = _inputs()
+    out = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    assert out.attention_map.shape == (2, 2, 3) and out.hidden_states.shape == hidden.shape
+    assert (out.attention_map >= 0).all() and (out.attention_map <= 1).all()
+    torch.testing.assert_close(out.attention_map, out.attention_scores.clamp(max=1))
+    # scores / n_image summed over cells = the average text row's total attention on the image, <= 1.
+    mass = out.attention_scores.flatten(1).sum(1) / 6
+    assert (mass > 0).all() and (mass <= 1 + 1e-6).all()
+
+
+def test_text_to_image_attention_by_hand():
+    # B=1, h=2 heads, L=4: tokens 0,1 image; 2,3 text.
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, 0, 2] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    probs[0, 1, 2] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    probs[0, 0, 3] = torch.tensor([0.0, 0.2, 0.4, 0.4])
+    probs[0, 1, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    text_mask = torch.tensor([[False, False, True, True]])
+    got = text_to_image_attention(probs, torch.tensor([[0, 2]]), text_mask, 2)
+    # heads mean: row2 -> [0.75, 0.25], row3 -> [0, 0.1]; text mean -> [0.375, 0.175]
+    torch.testing.assert_close(got, torch.tensor([[0.375, 0.175]]))
+
+
+def test_causal_mask_is_applied():
+    """Changing a later token never changes A_c rows computed for earlier tokens, nor image features."""
+    head = SegmentationHead(SPEC)
+    hidden, attention_mask, positions, image_span, text_span = _inputs(B=1, text_end=(12,))
+    out1 = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    changed = hidden.clone()
+    changed[:, -1] += 5.0
+    out2 = head(changed, attention_mask, positions, image_span, text_span, (2, 3))
+    torch.testing.assert_close(out1.hidden_states[:, :-1], out2.hidden_states[:, :-1])
+    assert not torch.allclose(out1.hidden_states[:, -1], out2.hidden_states[:, -1])
+    mask = causal_mask(attention_mask, torch.float32)[0, 0]
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    assert (mask[upper] < -1e30).all() and (mask[~upper] == 0).all()
+
+
+def test_padding_tokens_are_invisible():
+    head = SegmentationHead(SPEC)
+    hidden, attention_mask, positions, image_span, text_span = _inputs(text_end=(12, 10))
+    out1 = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    noisy = hidden.clone()
+    noisy[1, 10:] = torch.randn(2, SPEC.hidden_size) * 100  # padding of sample 1
+    out2 = head(noisy, attention_mask, positions, image_span, text_span, (2, 3))
+    torch.testing.assert_close(out1.attention_map, out2.attention_map)
+    torch.testing.assert_close(out1.hidden_states[1, :10], out2.hidden_states[1, :10])

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from lens.config import LensConfig, LossConfig
+from lens.losses import attention_loss, dice_loss, lens_loss, mask_bce_loss
+
+
+def test_dice_by_hand():
+    logits = torch.tensor([[10.0, -10.0], [10.0, -10.0]])  # probabilities ~1, 0, 1, 0
+    target = torch.tensor([[1, 1], [0, 0]], dtype=torch.uint8)
+    p = torch.sigmoid(logits)
+    expected = 1 - (2 * (p * target).sum() / 1000 + 1e-6) / ((p.sum() + target.sum()) / 1000 + 1e-6)
+    torch.testing.assert_close(dice_loss(logits, target), expected)
+    assert abs(float(dice_loss(logits, target)) - 0.5) < 1e-3  # overlap 1, |P| = 2, |T| = 2
+
+
+def test_ignore_pixels_are_left_out():
+    logits = torch.tensor([[3.0, -2.0, 50.0]])
+    target = torch.tensor([[1, 0, 255]], dtype=torch.uint8)
+    bce = -(math.log(torch.sigmoid(torch.tensor(3.0))) + math.log(1 - torch.sigmoid(torch.tensor(-2.0)))) / 2
+    assert abs(float(mask_bce_loss(logits, target)) - bce) < 1e-6
+    torch.testing.assert_close(dice_loss(logits, target), dice_loss(logits[:, :2], target[:, :2]))
+
+
+def test_attention_loss_by_hand():
+    a = torch.tensor([[[0.9, 0.2]]])
+    m = torch.tensor([[[1.0, 0.0]]])
+    expected = -(math.log(0.9) + math.log(0.8)) / 2
+    assert abs(float(attention_loss(a, m)) - expected) < 1e-6
+
+
+def test_total_is_weighted_sum():
+    logits = [torch.randn(4, 5)]
+    target = [torch.randint(0, 2, (4, 5), dtype=torch.uint8)]
+    a, m = torch.rand(1, 2, 2), torch.rand(1, 2, 2)
+    out = lens_loss(logits, target, a, m, LossConfig(dice_weight=2, bce_weight=4, attention_weight=1))
+    torch.testing.assert_close(
+        out["loss"], 2 * out["dice_loss"] + 4 * out["bce_loss"] + out["attention_loss"]
+    )
+
+
+def test_paper_defaults():
+    c = LensConfig()
+    assert (c.backbone.layer, c.keypoints.max_points, c.keypoints.nms_radius, c.keypoints.neighbourhood) == (
+        14,
+        16,
+        4.0,
+        3,
+    )
+    assert (c.keypoints.subpixel_eps, c.loss.dice_weight, c.loss.bce_weight, c.train.lr) == (
+        1e-6,
+        2.0,
+        4.0,
+        5e-5,
+    )
+    assert c.descriptor.global_only_prob == 0.5
+
+
+def test_yaml_round_trip(tmp_path):
+    c = LensConfig()
+    c.backbone.layer = 7
+    c.train.betas = (0.8, 0.9)
+    c.to_yaml(tmp_path / "c.yaml")
+    assert LensConfig.from_yaml(tmp_path / "c.yaml") == c
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("keypoints:\n  max_point: 8\n")
+    with pytest.raises(ValueError, match=r"config.keypoints: unknown key\(s\) \['max_point'\]"):
+        LensConfig.from_yaml(tmp_path / "c.yaml")

@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import box_mask, make_lens, random_image
+from lens.model import TRAINABLE_PREFIXES, LensInputs
+from lens.weights import load_lens_weights, save_lens_weights
+
+IMAGES = [random_image(40, 60, 0), random_image(50, 30, 1)]
+TEXTS = ["segment the red ring", "where is the square ?"]
+MASKS = [box_mask(40, 60, 10, 5, 20, 30), box_mask(50, 30, 0, 0, 50, 30)]
+
+
+def _greedy(model, processor, image, text, steps=5):
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    return logits, tokens
+
+
+def test_gradients_reach_trainable_parts_only(tiny_lens):
+    tiny_lens.train()
+    tiny_lens.descriptor.global_only_prob = 0.0  # keypoint descriptions must be used in this step
+    out = tiny_lens(tiny_lens.prepare(IMAGES, TEXTS, MASKS))
+    out.loss.backward()
+    for name, param in tiny_lens.named_parameters():
+        unused_by_single_mask = (
+            "iou_prediction_head" in name
+            or "output_hypernetworks_mlps.0" not in name
+            and ("output_hypernetworks_mlps" in name)
+        )
+        trainable = name.startswith(TRAINABLE_PREFIXES) and not unused_by_single_mask
+        assert param.requires_grad == trainable, name
+        if trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+        else:
+            assert param.grad is None, name
+    for prefix in ("head.", "descriptor.", "bridge.cls_position", "bridge.sam.mask_decoder."):
+        assert any(n.startswith(prefix) and p.grad is not None for n, p in tiny_lens.named_parameters())
+
+
+def test_frozen_means_frozen(tiny_models):
+    llava, processor, _, _ = tiny_models
+    text = processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "what colour is the ring ?"}],
+            }
+        ],
+        add_generation_prompt=True,
+    )
+    image = random_image(40, 60, 3)
+    logits_before, tokens_before = _greedy(llava, processor, image, text)
+    state_before = {k: v.clone() for k, v in llava.state_dict().items()}
+
+    lens = make_lens(tiny_models)
+    optimizer = torch.optim.AdamW([p for p in lens.parameters() if p.requires_grad], lr=1e-2)
+    lens.train()
+    for _ in range(3):
+        out = lens(lens.prepare(IMAGES, TEXTS, MASKS))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    assert not llava.training
+    for k, v in llava.state_dict().items():
+        assert torch.equal(v, state_before[k]), k
+    logits_after, tokens_after = _greedy(llava, processor, image, text)
+    assert torch.equal(tokens_before, tokens_after)
+    assert torch.equal(logits_before, logits_after)
+
+
+def test_training_step_and_predict(tiny_lens):
+    tiny_lens.train()
+    inputs = tiny_lens.prepare(IMAGES, TEXTS, MASKS)
+    out = tiny_lens(inputs)
+    assert torch.isfinite(out.loss)
+    assert set(out.losses) == {"dice_loss", "bce_loss", "attention_loss"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert [tuple(x.shape) for x in out.mask_logits] == [(40, 60), (50, 30)]
+    assert out.attention_map.shape == (2, 6, 6)
+    assert out.keypoints.shape == (2, 16, 2) and out.keypoints_valid.shape == (2, 16)
+    # Keypoints stay on the image: within half a cell of the grid.
+    assert (out.keypoints >= -0.5).all() and (out.keypoints <= 5.5).all()
+
+    prediction = tiny_lens.predict(IMAGES[0], "segment the red ring")
+    assert prediction.mask.shape == (40, 60) and prediction.mask.dtype == bool
+    assert prediction.attention_map.shape == (6, 6)
+    n = prediction.keypoints.shape[0]
+    assert 1 <= n <= 16 and prediction.keypoints_inside.shape == (n,)
+    assert (prediction.keypoints[:, 0] >= 0).all() and (prediction.keypoints[:, 0] <= 60).all()
+    assert tiny_lens.training  # predict restores the mode it found
+
+
+def test_predict_many_texts_shares_the_image(tiny_lens):
+    many = tiny_lens.predict(IMAGES[1], ["segment the ring", "segment the square"])
+    single = tiny_lens.predict(IMAGES[1], "segment the square")
+    assert len(many) == 2
+    np.testing.assert_array_equal(many[1].mask, single.mask)
+    np.testing.assert_allclose(many[1].attention_map, single.attention_map, atol=1e-6)
+
+
+def test_global_only_dropout(tiny_lens):
+    tiny_lens.train()
+    tiny_lens.descriptor.global_only_prob = 1.0
+    out = tiny_lens(tiny_lens.prepare(IMAGES, TEXTS, MASKS))
+    assert not out.keypoints_valid.any()
+    tiny_lens.eval()  # inference always uses both descriptions
+    out = tiny_lens(tiny_lens.prepare(IMAGES, TEXTS))
+    assert out.keypoints_valid.any(1).all()
+    assert out.loss is None
+
+
+def test_save_load_round_trip(tiny_models, tmp_path):
+    trained = make_lens(tiny_models)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    save_lens_weights(trained, tmp_path / "ckpt")
+    assert sorted(f.name for f in (tmp_path / "ckpt").iterdir()) == ["lens_config.yaml", "model.safetensors"]
+    fresh = make_lens(tiny_models)
+    load_lens_weights(fresh, tmp_path / "ckpt")
+    for k, v in trained.trainable_state_dict().items():
+        assert torch.equal(v, fresh.trainable_state_dict()[k]), k
+    inputs = trained.prepare(IMAGES, TEXTS)
+    trained.eval(), fresh.eval()
+    torch.testing.assert_close(trained(inputs).low_res_logits, fresh(inputs).low_res_logits)
+
+
+def test_checkpoint_holds_trainable_tensors_only(tiny_lens):
+    names = tiny_lens.trainable_state_dict()
+    assert names and all(k.startswith(TRAINABLE_PREFIXES) for k in names)
+    assert not any(k.startswith(("backbone.", "bridge.sam.vision_encoder.")) for k in names)
+
+
+def test_load_rejects_wrong_checkpoint(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"head.nope": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_lens_weights(make_lens(tiny_models), tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError, match="no LENS weights"):
+        load_lens_weights(make_lens(tiny_models), tmp_path / "missing")
+
+
+def test_init_head_from_backbone(tiny_models):
+    lens = make_lens(tiny_models, head__init_from_backbone=True)
+    layers = lens.backbone.decoder_layers
+    for i, layer in enumerate(lens.head.layers):
+        source = layers[lens.backbone.layer + i].state_dict()  # 0-based index of layer k+1+i
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, source[k]), k
+
+
+def test_inputs_from_cache_shape(tiny_lens):
+    inputs = tiny_lens.prepare(IMAGES, TEXTS, MASKS)
+    again = LensInputs(inputs.features.to("cpu", torch.float32), inputs.sam_embeddings.clone(), inputs.masks)
+    tiny_lens.eval()
+    torch.testing.assert_close(tiny_lens(inputs).low_res_logits, tiny_lens(again).low_res_logits)
