@@ -88,6 +88,24 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training / evaluation data live. Unset roots are skipped and the mixture renormalised."""
+
+    synthetic_seed: int | None = None  # train and evaluate on the project's synthetic world instead
+    reason_seg_root: str | None = None  # contains train/ val/ test/ of ReasonSeg
+    refer_root: str | None = None  # contains refcoco/ refcoco+/ refcocog/ refclef/ (REFER layout)
+    coco_image_root: str | None = None  # COCO train2014 images for the refcoco family
+    saiapr_image_root: str | None = None  # images for refclef
+    semantic_roots: dict[str, str] = field(
+        default_factory=dict
+    )  # source name -> root (see lens.data.semantic)
+    mixture: dict[str, float] = field(default_factory=lambda: {"sem": 9.0, "refer": 3.0, "reason": 1.0})
+    num_classes_per_sample: int = 3  # semantic datasets: classes asked about per image
+    val_split: str = "val"
+    num_workers: int = 2
+
+
+@dataclass
 class LensConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -96,6 +114,7 @@ class LensConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

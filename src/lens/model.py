@@ -19,6 +19,7 @@ from lens.backbone import Backbone, BackboneFeatures
 from lens.config import LensConfig
 from lens.decoder import SamBridge
 from lens.descriptor import KeypointDescriptor
+from lens.geometry import ImageGeometry
 from lens.head import SegmentationHead
 from lens.keypoints import nms, refine_subpixel, sample_neighbourhood
 from lens.losses import lens_loss
@@ -57,6 +58,7 @@ class Prediction:
         np.ndarray
     )  # (n,) bool: keypoint falls inside the mask (white vs red in the paper's Fig. 3)
     attention_map: np.ndarray  # (gh, gw) A_c in [0, 1]
+    geometry: ImageGeometry  # maps between this image, the attention grid and SAM's frame
 
 
 class LensModel(nn.Module):
@@ -176,6 +178,7 @@ class LensModel(nn.Module):
                     keypoints=points,
                     keypoints_inside=mask[rows, cols],
                     attention_map=out.attention_map[i].float().cpu().numpy(),
+                    geometry=geometry,
                 )
             )
         return predictions[0] if isinstance(text, str) else predictions

@@ -8,6 +8,7 @@ referenced by id, never copied.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lens.assets import resolve_model_id
 from lens.backbone import load_backbone
 from lens.config import LensConfig
 from lens.decoder import load_sam
@@ -30,12 +32,15 @@ WEIGHTS_NAME = "model.safetensors"
 def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
     """Load the frozen MLLM and SAM named in ``config`` and attach freshly initialised LENS parts."""
     bridge = load_sam(
-        config.decoder.model_id,
+        resolve_model_id(config.decoder.model_id),
         revision=config.decoder.revision,
         device=device,
         train_mask_decoder=config.decoder.train_mask_decoder,
     )
-    backbone = load_backbone(config.backbone, device=device, sam_size=bridge.image_size)
+    backbone_config = dataclasses.replace(
+        config.backbone, model_id=resolve_model_id(config.backbone.model_id)
+    )
+    backbone = load_backbone(backbone_config, device=device, sam_size=bridge.image_size)
     return LensModel(config, backbone, bridge).to(device)
 
 
@@ -79,8 +84,8 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
 
 
 def load_lens(directory: str | Path, device: str | torch.device = "cpu") -> LensModel:
-    """A trained LENS from a checkpoint directory: its config, the frozen models it names, its weights."""
-    directory = Path(directory)
+    """A trained LENS from a checkpoint directory (or ``lens:`` asset): its config, frozen models, weights."""
+    directory = Path(resolve_model_id(str(directory)))
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not a LENS checkpoint (no {CONFIG_NAME})")
     config = LensConfig.from_yaml(directory / CONFIG_NAME)

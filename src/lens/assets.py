@@ -1,0 +1,26 @@
+"""Models shipped inside the package, addressed as ``lens:<path>`` wherever a hub id or directory is accepted."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+PREFIX = "lens:"
+SYNTHETIC_LENS = "lens:synthetic/lens"  # the LENS head trained on the synthetic world (what `lens demo` runs)
+
+
+def asset_root() -> Path:
+    return Path(str(files("lens"))) / "assets"
+
+
+def resolve_model_id(model_id: str) -> str:
+    """``lens:synthetic/mllm`` → the installed directory; anything else (hub id, path) is returned unchanged."""
+    if not model_id.startswith(PREFIX):
+        return model_id
+    path = asset_root() / model_id[len(PREFIX) :]
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"shipped model {model_id!r} is not installed at {path}; regenerate it with the commands in "
+            "docs/pretraining.md"
+        )
+    return str(path)
