@@ -160,3 +160,31 @@ def test_inputs_from_cache_shape(tiny_lens):
     again = LensInputs(inputs.features.to("cpu", torch.float32), inputs.sam_embeddings.clone(), inputs.masks)
     tiny_lens.eval()
     torch.testing.assert_close(tiny_lens(inputs).low_res_logits, tiny_lens(again).low_res_logits)
+
+
+def test_build_and_load_through_local_directories(tiny_models, tmp_path):
+    """The same from_pretrained path as llava-hf/llava-1.5-7b-hf and facebook/sam-vit-huge, offline."""
+    from lens.config import LensConfig
+    from lens.weights import build_lens, load_lens
+
+    llava, llava_processor, sam, sam_processor = tiny_models
+    llava.save_pretrained(tmp_path / "mllm")
+    llava_processor.save_pretrained(tmp_path / "mllm")
+    sam.save_pretrained(tmp_path / "sam")
+    sam_processor.save_pretrained(tmp_path / "sam")
+    config = LensConfig()
+    config.backbone.model_id, config.backbone.layer, config.backbone.dtype = (
+        str(tmp_path / "mllm"),
+        2,
+        "float32",
+    )
+    config.decoder.model_id = str(tmp_path / "sam")
+    config.descriptor.num_heads = 4
+    model = build_lens(config).eval()
+    save_lens_weights(model, tmp_path / "ckpt")
+    loaded = load_lens(tmp_path / "ckpt").eval()
+    image = random_image(40, 60, 5)
+    a, b = model.predict(image, "segment the ring"), loaded.predict(image, "segment the ring")
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.attention_map, b.attention_map, atol=1e-6)
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())

@@ -18,8 +18,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-# Errors a user can cause (bad path, bad config, wrong checkpoint): shown as one line, never a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, NotADirectoryError, PermissionError)
+# Errors a user can cause (bad path, unreadable image, bad config, wrong checkpoint): one line, no traceback.
+USER_ERRORS = (OSError, ValueError)
 
 
 def _run(job, *args, **kwargs):
