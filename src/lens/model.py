@@ -21,7 +21,7 @@ from lens.decoder import SamBridge
 from lens.descriptor import KeypointDescriptor
 from lens.geometry import ImageGeometry
 from lens.head import SegmentationHead
-from lens.keypoints import nms, refine_subpixel, sample_neighbourhood
+from lens.keypoints import extract_keypoints, sample_neighbourhood
 from lens.losses import lens_loss
 
 # Everything under these names is trained and saved; nothing else is.
@@ -110,8 +110,7 @@ class LensModel(nn.Module):
         # Keypoints: NMS + one Newton step on the unclipped map, so saturated plateaus keep their peaks.
         with torch.no_grad():
             scores = head.attention_scores.float()
-            points, valid = nms(scores, kp.nms_radius, kp.max_points)  # (B, m, 2) cells, (B, m)
-            points = refine_subpixel(scores, points, kp.subpixel_eps)
+            points, valid = extract_keypoints(scores, kp.nms_radius, kp.max_points, kp.subpixel_eps)  # (B, m, 2)
             gh, gw = (
                 f.grid_size
             )  # a corner step can leave the grid: keep points on the image (cell edge ±0.5)

@@ -35,7 +35,9 @@ def mask_to_rectangles(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
     rectangles: list[tuple[int, int, int, int]] = []
     open_runs: dict[tuple[int, int], int] = {}  # (x0, x1) -> first row
     for y, row in enumerate([*mask, np.zeros(mask.shape[1], bool)]):  # a blank row closes every run
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))  # starts, ends alternating
+        edges = np.flatnonzero(
+            np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+        )  # starts, ends alternating
         runs = {(int(x0), int(x1) - 1) for x0, x1 in zip(edges[::2], edges[1::2], strict=True)}
         for run in [r for r in open_runs if r not in runs]:
             rectangles.append((run[0], open_runs.pop(run), run[1], y - 1))
@@ -71,7 +73,9 @@ def write_reason_seg(queries: Iterable[SegQuery], directory: str | Path) -> int:
     return count
 
 
-def export_split(world: SyntheticWorld, split: str, out_dir: str | Path, num_scenes: int | None = None) -> int:
+def export_split(
+    world: SyntheticWorld, split: str, out_dir: str | Path, num_scenes: int | None = None
+) -> int:
     """Write the queries of the first ``num_scenes`` scenes of ``split`` to ``{out_dir}/{split}/``."""
     count = write_reason_seg(world.split(split).segmentation_queries(num_scenes), Path(out_dir) / split)
     logger.info("wrote %d %s queries to %s", count, split, Path(out_dir) / split)

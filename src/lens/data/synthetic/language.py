@@ -17,7 +17,19 @@ _FIELD = re.compile(r"\{[a-z_]+\}")  # a template's placeholder
 PUNCTUATION: tuple[str, ...] = ("?", ".", ",", "'")
 
 PLURALS: dict[str, str] = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
 YES, NO = "yes", "no"
 SIDES: tuple[str, ...] = ("left", "right", "top", "bottom")  # answers to "where is ...?"
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
@@ -32,12 +44,24 @@ SHAPE_CLUES: dict[str, tuple[str, ...]] = {
     "triangle": ("has three corners", "has three straight sides", "looks like a pyramid seen from the side"),
     "star": ("has five points", "looks like a starfish", "has five pointed tips"),
     "ring": ("has a hole in it", "looks like a donut", "is shaped like a wedding band"),
-    "cross": ("looks like a plus sign", "looks like the symbol for addition", "has four arms of equal length"),
-    "diamond": ("looks like a kite", "is shaped like a rhombus", "has corners pointing up, down, left and right"),
+    "cross": (
+        "looks like a plus sign",
+        "looks like the symbol for addition",
+        "has four arms of equal length",
+    ),
+    "diamond": (
+        "looks like a kite",
+        "is shaped like a rhombus",
+        "has corners pointing up, down, left and right",
+    ),
     "hexagon": ("has six sides", "has six corners", "looks like a honeycomb cell"),
 }
 COLOUR_CLUES: dict[str, tuple[str, ...]] = {
-    "red": ("is coloured like a ripe tomato", "has the colour of a fire truck", "is the colour of a strawberry"),
+    "red": (
+        "is coloured like a ripe tomato",
+        "has the colour of a fire truck",
+        "is the colour of a strawberry",
+    ),
     "green": ("is coloured like grass", "has the colour of fresh leaves", "is the colour of a frog"),
     "blue": ("has the colour of the sky", "is the colour of the deep sea", "is coloured like a clear sky"),
     "yellow": ("has the colour of a ripe banana", "is the colour of a lemon", "is coloured like a sunflower"),
@@ -101,20 +125,20 @@ class Description:
         )
 
     def phrase(self, article: str = "the") -> str:
-        """"the large red ring", "a red object", "an orange star"; ``article=""`` for none."""
+        """ "the large red ring", "a red object", "an orange star"; ``article=""`` for none."""
         words = [w for w in (self.size, self.colour) if w] + [self.shape or OBJECT_NOUN]
         if article in ("a", "an"):
             article = "an" if words[0][0] in "aeiou" else "a"
         return " ".join([article, *words] if article else words)
 
     def plural(self) -> str:
-        """"large red rings", "red objects", "objects"."""
+        """ "large red rings", "red objects", "objects"."""
         words = [w for w in (self.size, self.colour) if w]
         return " ".join([*words, PLURALS[self.shape] if self.shape else OBJECT_PLURAL])
 
 
 def join_list(items: Sequence[str]) -> str:
-    """"a, b and c"."""
+    """ "a, b and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 

@@ -14,6 +14,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from lens.data.synthetic.language import (
+    ATTRIBUTES,
     CAPTION,
     CLUE_JOIN,
     COLOUR_CLUES,
@@ -106,10 +107,12 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str, gap: float) ->
 
 
 def position_of(obj: SceneObject, height: int, width: int) -> str | None:
-    """"left" / "right" / "top" / "bottom" of the image, or None near the centre or a diagonal."""
+    """ "left" / "right" / "top" / "bottom" of the image, or None near the centre or a diagonal."""
     offsets = ((obj.centre[0] - width / 2) / width, (obj.centre[1] - height / 2) / height)
     main = int(abs(offsets[1]) > abs(offsets[0]))  # 0: horizontal, 1: vertical
-    if abs(offsets[main]) < POSITION_OFFSET or abs(offsets[1 - main]) > POSITION_DOMINANCE * abs(offsets[main]):
+    if abs(offsets[main]) < POSITION_OFFSET or abs(offsets[1 - main]) > POSITION_DOMINANCE * abs(
+        offsets[main]
+    ):
         return None
     return SIDES[2 * main + int(offsets[main] > 0)]
 
@@ -126,7 +129,7 @@ def extreme_of(candidates: Sequence[SceneObject], extreme: str, gap: float) -> S
 def caption(objects: Sequence[SceneObject], background: str) -> str:
     """One sentence naming every object, left to right."""
     ordered = sorted(objects, key=lambda o: o.centre[0])
-    names = [Description.of(o, ("size", "colour", "shape")).phrase("a") for o in ordered]
+    names = [Description.of(o, ATTRIBUTES).phrase("a") for o in ordered]
     return CAPTION.format(objects=join_list(names), background=background)
 
 
@@ -170,19 +173,33 @@ def scene_vqa(
         if names_a and names_b and relations:
             relation = _pick(rng, relations)
             anchor, target = _pick(rng, names_b).phrase(), _pick(rng, names_a).phrase()
-            ask("relation", YES if relation_holds(a, b, relation, gap) else NO, target=target, relation=relation, anchor=anchor)
+            ask(
+                "relation",
+                YES if relation_holds(a, b, relation, gap) else NO,
+                target=target,
+                relation=relation,
+                anchor=anchor,
+            )
 
     ask("caption", caption(objects, background))
     return qas
 
 
-def _referring(obj: SceneObject, objects: Sequence[SceneObject], gap: float) -> list[list[str]]:
-    """Unambiguous referring expressions for ``obj``, grouped as [by attributes, by relation, by extreme]."""
+def _referring(
+    obj: SceneObject, objects: Sequence[SceneObject], gap: float, unspeakable: frozenset[tuple[str, str]]
+) -> list[list[str]]:
+    """Unambiguous referring expressions for ``obj``, grouped as [by attributes, by relation, by extreme].
+
+    An anchor ("... left of the red star") is never named by an ``unspeakable`` (colour, shape) pair.
+    """
     by_attributes = [d.phrase() for d in unique_descriptions(obj, objects)]
-    partial = [Description(), *(Description.of(obj, a) for a in ATTRIBUTE_SETS)]  # what the target may be called
+    # What the target itself may be called, from "the object" to "the large red ring".
+    partial = [Description(), *(Description.of(obj, a) for a in ATTRIBUTE_SETS)]
     by_relation = []
     for anchor in objects:
-        anchor_names = unique_descriptions(anchor, objects)
+        anchor_names = [
+            d for d in unique_descriptions(anchor, objects) if (d.colour, d.shape) not in unspeakable
+        ]
         if anchor is obj or not anchor_names:
             continue
         anchor_name = min(anchor_names, key=lambda d: len(d.attributes)).phrase()
@@ -195,7 +212,9 @@ def _referring(obj: SceneObject, objects: Sequence[SceneObject], gap: float) -> 
                 fitting = [h for o, h in zip(others, holds, strict=True) if desc.matches(o)]
                 if fitting.count(True) == 1 and None not in fitting:  # obj is the one True
                     by_relation.append(
-                        RELATIONAL_REFERRING.format(target=desc.phrase(), relation=relation, anchor=anchor_name)
+                        RELATIONAL_REFERRING.format(
+                            target=desc.phrase(), relation=relation, anchor=anchor_name
+                        )
                     )
     by_extreme = [
         EXTREME_REFERRING.format(extreme=extreme, target=desc.phrase(""))
@@ -231,7 +250,7 @@ def scene_segmentation_queries(
 
     Arguments:
         image: (H, W, 3) uint8, shared by every returned sample.
-        excluded_targets: (colour, shape) pairs never to be the target (held out of training).
+        excluded_targets: (colour, shape) pairs held out of training: never the target, nor named at all.
         no_target_fraction: expected fraction of the returned queries that describe an absent object.
     """
     if not 0.0 <= no_target_fraction < 1.0:
@@ -241,7 +260,7 @@ def scene_segmentation_queries(
     for obj in objects:
         if (obj.colour, obj.shape) in excluded_targets:
             continue
-        groups = [g for g in _referring(obj, objects, gap) if g]
+        groups = [g for g in _referring(obj, objects, gap, excluded_targets) if g]
         if groups:
             made.append(("referring", _pick(rng, _pick(rng, groups)), False, obj))
         clued = unique_descriptions(obj, objects, CLUE_SETS)
@@ -250,21 +269,22 @@ def scene_segmentation_queries(
             made.append(("reasoning_long", _reasoning(_pick(rng, clued), True, rng), True, obj))
 
     candidates = [Description(shape=s) for s in SHAPES] + [Description(colour=c) for c in COLOURS]
-    candidates += [Description(colour=c, shape=s) for c in COLOURS for s in SHAPES if (c, s) not in excluded_targets]
+    candidates += [
+        Description(colour=c, shape=s) for c in COLOURS for s in SHAPES if (c, s) not in excluded_targets
+    ]
     absent = [d for d in candidates if not any(d.matches(o) for o in objects)]
     # Unbiased: E[n] = len(made) * f / (1 - f), so no-target queries make up f of the total on average.
-    num_absent = int(len(made) * no_target_fraction / (1 - no_target_fraction) + rng.random()) if absent else 0
+    num_absent = (
+        int(len(made) * no_target_fraction / (1 - no_target_fraction) + rng.random()) if absent else 0
+    )
     for _ in range(num_absent):
         desc, style = _pick(rng, absent), _pick(rng, QUERY_KINDS[:3])
         text = desc.phrase() if style == "referring" else _reasoning(desc, style == "reasoning_long", rng)
         made.append(("no_target", text, style == "reasoning_long", None))
 
-    empty = np.zeros(image.shape[:2], np.uint8)
-    return [
-        SegQuery(
-            Sample(image, text, empty if target is None else target.mask.astype(np.uint8), long, SOURCE, f"{name}_{k:02d}"),
-            kind,
-            target,
-        )
-        for k, (kind, text, long, target) in enumerate(made)
-    ]
+    queries = []
+    for k, (kind, text, is_sentence, target) in enumerate(made):
+        mask = np.zeros(image.shape[:2], np.uint8) if target is None else target.mask.astype(np.uint8)
+        sample = Sample(image, text, mask, is_sentence=is_sentence, source=SOURCE, name=f"{name}_{k:02d}")
+        queries.append(SegQuery(sample, kind, target))
+    return queries

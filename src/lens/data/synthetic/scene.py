@@ -24,6 +24,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cros
 # Radius ranges as fractions of the image side; the gap between them keeps "small" and "large" unambiguous.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.06, 0.08), "large": (0.12, 0.16)}
 BACKGROUNDS: tuple[str, ...] = ("graded", "striped", "checkered", "speckled")
+DEFAULT_IMAGE_SIZE = 128
 
 MIN_VISIBLE_FRACTION = 0.4  # objects less visible than this are dropped, so every query stays answerable
 MAX_ROTATION_DEG = 15.0  # small jitter: a square never turns into a diamond
@@ -39,7 +40,7 @@ STAR_INNER = 0.45  # radius of a star's inner corners
 TRIANGLE_SCALE = 1.15  # a triangle of circumradius 1 looks small next to the other shapes
 
 BACKGROUND_LEVEL = (70, 200)  # grey level range of background tones
-BACKGROUND_TINT = 12  # per-channel tint added to a grey tone
+BACKGROUND_TINT = 8  # per-channel tint added to a grey tone
 BACKGROUND_CONTRAST = (25, 50)  # grey-level difference between a background's two tones
 TEXTURE_PERIOD = (6, 16)  # stripe / checker period in pixels
 SPECKLE_AMPLITUDE = 12
@@ -77,6 +78,8 @@ class SceneObject(Placement):
     def bbox(self) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of the visible pixels, end-exclusive."""
         ys, xs = np.nonzero(self.mask)
+        if len(xs) == 0:
+            raise ValueError(f"the {self.colour} {self.shape} has no visible pixels, hence no box")
         return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
     @property
@@ -87,7 +90,9 @@ class SceneObject(Placement):
 def _convex(u: np.ndarray, v: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """Points (u, v) inside the convex polygon ``vertices`` (K, 2), whatever its orientation."""
     edges = np.roll(vertices, -1, axis=0) - vertices  # (K, 2)
-    signed_area = np.sum(vertices[:, 0] * np.roll(vertices[:, 1], -1) - np.roll(vertices[:, 0], -1) * vertices[:, 1])
+    signed_area = np.sum(
+        vertices[:, 0] * np.roll(vertices[:, 1], -1) - np.roll(vertices[:, 0], -1) * vertices[:, 1]
+    )
     sign = 1.0 if signed_area >= 0 else -1.0
     inside = np.ones(u.shape, bool)
     for (x0, y0), (ex, ey) in zip(vertices, edges, strict=True):
@@ -116,7 +121,9 @@ _SHAPE_TESTS = {
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= SQUARE_HALF_SIDE,
     "triangle": lambda u, v: _convex(u, v, _regular(3, -np.pi / 2, TRIANGLE_SCALE)),
     "star": _star,
-    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) <= CROSS_ARM) & (np.maximum(np.abs(u), np.abs(v)) <= 1),
+    "cross": lambda u, v: (
+        (np.minimum(np.abs(u), np.abs(v)) <= CROSS_ARM) & (np.maximum(np.abs(u), np.abs(v)) <= 1)
+    ),
     "diamond": lambda u, v: np.abs(u) / DIAMOND_WIDTH + np.abs(v) <= 1.0,
     "hexagon": lambda u, v: _convex(u, v, _regular(6, 0.0)),
 }
@@ -191,9 +198,7 @@ def render_background(kind: str, height: int, width: int, rng: np.random.Generat
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def sample_placements(
-    rng: np.random.Generator, height: int, width: int, num_objects: int
-) -> list[Placement]:
+def sample_placements(rng: np.random.Generator, height: int, width: int, num_objects: int) -> list[Placement]:
     """Up to ``num_objects`` random placements, bottom first, each at least ``MIN_VISIBLE_FRACTION`` visible.
 
     Objects are drawn top first, each new one going underneath the ones already kept, so a candidate's
@@ -210,7 +215,10 @@ def sample_placements(
                 shape=str(rng.choice(SHAPES)),
                 colour=str(rng.choice(list(COLOURS))),
                 size=size,
-                centre=(float(rng.uniform(margin, width - margin)), float(rng.uniform(margin, height - margin))),
+                centre=(
+                    float(rng.uniform(margin, width - margin)),
+                    float(rng.uniform(margin, height - margin)),
+                ),
                 radius=float(radius),
                 angle=float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)),
             )

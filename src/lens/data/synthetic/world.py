@@ -15,6 +15,7 @@ import numpy as np
 from lens.data.synthetic.queries import QA, SegQuery, scene_segmentation_queries, scene_vqa
 from lens.data.synthetic.scene import (
     BACKGROUNDS,
+    DEFAULT_IMAGE_SIZE,
     Placement,
     SceneObject,
     compose,
@@ -57,14 +58,16 @@ class Scene:
     def from_placements(
         cls,
         placements: Sequence[Placement],
-        height: int = 128,
-        width: int = 128,
+        height: int = DEFAULT_IMAGE_SIZE,
+        width: int = DEFAULT_IMAGE_SIZE,
         background: str = "graded",
         seed: int = 0,
         **kwargs,
     ) -> Scene:
         """A hand-made scene; unlike generated ones, hardly visible objects are kept (the caller chose them)."""
-        image, objects = compose(placements, render_background(background, height, width, np.random.default_rng(seed)))
+        image, objects = compose(
+            placements, render_background(background, height, width, np.random.default_rng(seed))
+        )
         return cls(image, objects, background, seed=seed, **kwargs)
 
     def vqa(self) -> list[QA]:
@@ -88,8 +91,8 @@ class SyntheticWorld:
     """All settings of the world; ``SyntheticWorld(seed=0).split("train")[i]`` is always the same scene."""
 
     seed: int = 0
-    height: int = 128
-    width: int = 128
+    height: int = DEFAULT_IMAGE_SIZE
+    width: int = DEFAULT_IMAGE_SIZE
     min_objects: int = 2
     max_objects: int = 6
     no_target_fraction: float = DEFAULT_NO_TARGET_FRACTION
@@ -100,7 +103,9 @@ class SyntheticWorld:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
+            )
         if not 0.0 <= self.no_target_fraction < 1.0:
             raise ValueError(f"no_target_fraction must be in [0, 1), got {self.no_target_fraction}")
 
@@ -122,7 +127,9 @@ class SyntheticWorld:
             if len(placements) >= self.min_objects:
                 break
         else:
-            raise RuntimeError(f"could not fit {self.min_objects} objects in {self.height}x{self.width} images")
+            raise RuntimeError(
+                f"could not fit {self.min_objects} objects in {self.height}x{self.width} images"
+            )
         image, objects = compose(placements, render_background(background, self.height, self.width, rng))
         return Scene(
             image,
