@@ -125,20 +125,20 @@ class Description:
         )
 
     def phrase(self, article: str = "the") -> str:
-        """ "the large red ring", "a red object", "an orange star"; ``article=""`` for none."""
+        """Spoken form, e.g. "the large red ring", "a red object", "an orange star"; ``article=""`` for none."""
         words = [w for w in (self.size, self.colour) if w] + [self.shape or OBJECT_NOUN]
         if article in ("a", "an"):
             article = "an" if words[0][0] in "aeiou" else "a"
         return " ".join([article, *words] if article else words)
 
     def plural(self) -> str:
-        """ "large red rings", "red objects", "objects"."""
+        """Plural form, e.g. "large red rings", "red objects", "objects"."""
         words = [w for w in (self.size, self.colour) if w]
         return " ".join([*words, PLURALS[self.shape] if self.shape else OBJECT_PLURAL])
 
 
 def join_list(items: Sequence[str]) -> str:
-    """ "a, b and c"."""
+    """Items as a spoken list: "a, b and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -146,7 +146,7 @@ def _all_text() -> Iterator[str]:
     """Every literal the generators may emit, templates with their placeholders removed."""
     yield from PUNCTUATION
     yield from (*SHAPES, *PLURALS.values(), *COLOURS, *SIZES, *BACKGROUNDS, *NUMBER_WORDS, YES, NO)
-    yield from (*SIDES, *RELATIONS, *EXTREMES, OBJECT_NOUN, OBJECT_PLURAL, "a", "an", "the", "and", ",")
+    yield from (*SIDES, *RELATIONS, *EXTREMES, OBJECT_NOUN, OBJECT_PLURAL, "a", "an", "the", "and")
     for clues in (*SHAPE_CLUES.values(), *COLOUR_CLUES.values(), *VQA_TEMPLATES.values()):
         yield from clues
     yield from (CAPTION, RELATIONAL_REFERRING, EXTREME_REFERRING, REASONING_SHORT, *REASONING_NOUNS)

@@ -107,7 +107,7 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str, gap: float) ->
 
 
 def position_of(obj: SceneObject, height: int, width: int) -> str | None:
-    """ "left" / "right" / "top" / "bottom" of the image, or None near the centre or a diagonal."""
+    """The side of the image ("left", "right", "top", "bottom") holding ``obj``; None if central or diagonal."""
     offsets = ((obj.centre[0] - width / 2) / width, (obj.centre[1] - height / 2) / height)
     main = int(abs(offsets[1]) > abs(offsets[0]))  # 0: horizontal, 1: vertical
     if abs(offsets[main]) < POSITION_OFFSET or abs(offsets[1 - main]) > POSITION_DOMINANCE * abs(

@@ -7,7 +7,7 @@ show its colour, and a dropped (mostly hidden) object is never painted at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -164,7 +164,10 @@ def compose(placements: Sequence[Placement], background: np.ndarray) -> tuple[np
         covered |= mask
     for p, mask in zip(placements, full, strict=True):
         image[mask] = COLOURS[p.colour]
-    objects = [SceneObject(**vars(p), mask=m) for p, m in zip(placements, reversed(visible), strict=True)]
+    objects = [
+        SceneObject(**{f.name: getattr(p, f.name) for f in fields(Placement)}, mask=m)
+        for p, m in zip(placements, reversed(visible), strict=True)
+    ]
     return image, objects
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -34,7 +34,7 @@ DEFAULT_NO_TARGET_FRACTION = 0.1
 MAX_LAYOUT_TRIES = 100  # layouts re-drawn if too few objects fit (never needed at the default sizes)
 
 
-@dataclass
+@dataclass(eq=False)
 class Scene:
     """One image and the objects visible in it.
 
@@ -62,7 +62,7 @@ class Scene:
         width: int = DEFAULT_IMAGE_SIZE,
         background: str = "graded",
         seed: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> Scene:
         """A hand-made scene; unlike generated ones, hardly visible objects are kept (the caller chose them)."""
         image, objects = compose(
