@@ -1,0 +1,364 @@
+"""Feature cache: run the frozen MLLM (to layer k) and SAM's image encoder once, train the head many times.
+
+A cache is one folder per (dataset, split): ``manifest.json`` plus ``shard_00000.safetensors``, ... Each shard
+holds the items ``[s * shard_size, (s + 1) * shard_size)`` of the dataset (rows drawn at epoch 0), with
+per-row *unpadded* tensors concatenated along their first axis and offsets to cut them apart::
+
+    hidden (T, d)  position_ids (T,)  token_offsets (R + 1,)    # real tokens of layer k, rows back to back
+    image_span (R, 2)  text_span (R, 2)  answer_index (R,)       # per row, in the row's own token frame
+    sam (I, d_s, h, w)  row_image (R,)                           # one SAM embedding per image, shared by its rows
+    masks (P,) uint8  mask_offsets (R + 1,)  item_rows (n + 1,)  # flattened targets; rows of each item
+
+plus the rows' text and geometry as JSON in the safetensors metadata. Shards are written atomically
+(temporary file + rename), so an interrupted build resumes at the first missing shard. The manifest carries a
+``CacheKey``; a cache is only ever read with the key it was built with.
+
+Training on a cache needs no MLLM in memory: ``build_lens_for_cache`` makes a LENS model whose backbone is a
+``SpecBackbone`` (the layer's shape, read from the MLLM's config on the meta device) and whose SAM has no
+image encoder; ``stack_cached`` turns cached rows back into the padded ``LensInputs`` the backbone would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec
+from lens.config import BackboneConfig, LensConfig
+from lens.data.loader import ItemSource, Row
+from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
+from lens.decoder import load_sam
+from lens.geometry import ImageGeometry
+from lens.model import LensInputs, LensModel
+from lens.weights import build_lens
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_NAME = "shard_{:05d}.safetensors"
+META_FIELDS = ("instruction", "query", "name", "source", "is_sentence", "kind", "index", "part")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that changes the cached tensors. A mismatch in any field makes a cache unusable."""
+
+    backbone_id: str
+    backbone_revision: str | None
+    layer: int
+    dtype: str  # of the cached hidden states (the backbone's dtype)
+    sam_id: str
+    sam_revision: str | None
+    prompt_template: str  # see prompt_template_id
+    dataset: str
+    split: str
+
+    @classmethod
+    def from_config(
+        cls, config: LensConfig, dataset: str, split: str, train: bool, seed: int = 0
+    ) -> CacheKey:
+        b, d = config.backbone, config.decoder
+        template = prompt_template_id(train, seed)
+        return cls(b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split)
+
+    def check(self, found: dict[str, Any], where: str | Path) -> None:
+        """Raise ``ValueError`` naming every field where ``found`` (a manifest's key) differs from this key."""
+        expected = dataclasses.asdict(self)
+        bad = [f for f in expected if found.get(f) != expected[f]]
+        if bad:
+            detail = ", ".join(f"{f}: cache has {found.get(f)!r}, expected {expected[f]!r}" for f in bad)
+            raise ValueError(f"feature cache {where} was built for another setting ({detail})")
+
+
+def prompt_template_id(train: bool, seed: int = 0) -> str:
+    """Names how instructions were made: the template lists (hashed) and how one was picked."""
+    digest = hashlib.sha1(
+        json.dumps([SHORT_QUESTION_TEMPLATES, LONG_QUESTION_TEMPLATES]).encode()
+    ).hexdigest()
+    return f"lisa-{'train-seed' + str(seed) if train else 'eval'}-{digest[:12]}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write(directory / MANIFEST_NAME, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+
+
+def _encode_shard(
+    model: LensModel, items: list[list[Row]], batch_size: int
+) -> tuple[dict[str, Tensor], dict]:
+    """Run the frozen stages on the rows of ``items`` and lay the results out as one shard."""
+    rows = [row for item in items for row in item]
+    item_rows = np.cumsum([0] + [len(item) for item in items])
+    first_rows = [item[0] for item in items if item]
+    sam = [model.bridge.embed_images([r["image"] for r in first_rows[i : i + batch_size]]).cpu()
+           for i in range(0, len(first_rows), batch_size)]  # fmt: skip
+    row_image = [k for k, item in enumerate(it for it in items if it) for _ in item]
+    hidden, positions, spans, lengths, geometries = [], [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        f = model.backbone.encode([r["image"] for r in batch], [r["instruction"] for r in batch])
+        for i in range(len(batch)):
+            n = int(f.attention_mask[i].sum())
+            if not f.attention_mask[i, :n].all():
+                raise ValueError("the cache expects right padding (real tokens first)")
+            hidden.append(f.hidden_states[i, :n].cpu())
+            positions.append(f.position_ids[i, :n].cpu())
+            spans.append((f.image_span[i].cpu(), f.text_span[i].cpu(), f.answer_index[i].cpu()))
+            lengths.append(n)
+        geometries += [dataclasses.asdict(g) for g in f.geometries]
+    masks = [np.asarray(r["mask"], np.uint8).reshape(-1) for r in rows]
+    tensors = {
+        "hidden": torch.cat(hidden) if hidden else torch.zeros(0, 0),
+        "position_ids": torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+        "token_offsets": torch.tensor(np.cumsum([0, *lengths])),
+        "image_span": torch.stack([s[0] for s in spans]) if spans else torch.zeros(0, 2, dtype=torch.long),
+        "text_span": torch.stack([s[1] for s in spans]) if spans else torch.zeros(0, 2, dtype=torch.long),
+        "answer_index": torch.stack([s[2] for s in spans]) if spans else torch.zeros(0, dtype=torch.long),
+        "sam": torch.cat(sam) if sam else torch.zeros(0),
+        "row_image": torch.tensor(row_image, dtype=torch.long),
+        "masks": torch.from_numpy(np.concatenate(masks)) if masks else torch.zeros(0, dtype=torch.uint8),
+        "mask_offsets": torch.tensor(np.cumsum([0] + [m.size for m in masks])),
+        "item_rows": torch.tensor(item_rows),
+    }
+    meta = [{**{k: r[k] for k in META_FIELDS}, "geometry": g} for r, g in zip(rows, geometries, strict=True)]
+    return {k: v.contiguous() for k, v in tensors.items()}, {"rows": json.dumps(meta)}
+
+
+@torch.inference_mode()
+def build_cache(
+    model: LensModel,
+    dataset: ItemSource,
+    out_dir: str | Path,
+    key: CacheKey,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> Path:
+    """Cache layer-k features and SAM embeddings of every item of ``dataset`` (rows at epoch 0).
+
+    Resumes an interrupted build: finished shards are kept, never recomputed. Refuses (``ValueError``) a folder
+    holding a cache with another key or layout. With several processes, shard s is built by process
+    ``s % num_processes``; call it on every process, then once more (or ``finalize_cache``) for the manifest.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_items = len(dataset)
+    num_shards = -(-num_items // shard_size)
+    manifest = {"format": CACHE_FORMAT, "key": dataclasses.asdict(key), "num_items": num_items,
+                "shard_size": shard_size, "shards": [], "complete": False}  # fmt: skip
+    if (out_dir / MANIFEST_NAME).is_file():
+        found = json.loads((out_dir / MANIFEST_NAME).read_text())
+        key.check(found["key"], out_dir)
+        layout = {f: found.get(f) for f in ("format", "num_items", "shard_size")}
+        if layout != {f: manifest[f] for f in layout}:
+            raise ValueError(
+                f"feature cache {out_dir} has layout {layout}, expected {num_items} items of {shard_size}"
+            )
+    elif process_index == 0:
+        _write_manifest(out_dir, manifest)
+    for shard in range(process_index, num_shards, num_processes):
+        path = out_dir / SHARD_NAME.format(shard)
+        if path.is_file():
+            logger.info("cache %s: shard %d already done", out_dir, shard)
+            continue
+        items = [dataset.rows(i) for i in range(shard * shard_size, min((shard + 1) * shard_size, num_items))]
+        tensors, metadata = _encode_shard(model, items, batch_size)
+        found_dtype = str(tensors["hidden"].dtype).removeprefix("torch.")
+        if tensors["hidden"].numel() and found_dtype != key.dtype:
+            raise ValueError(
+                f"the backbone produced {found_dtype} features but the cache key says {key.dtype}"
+            )
+        _atomic_write(path, lambda p, t=tensors, m=metadata: save_file(t, p, metadata=m))
+        logger.info("cache %s: wrote shard %d / %d", out_dir, shard + 1, num_shards)
+    if process_index == 0 and num_processes == 1:
+        finalize_cache(out_dir)
+    return out_dir
+
+
+def finalize_cache(out_dir: str | Path) -> None:
+    """Mark a cache complete once every shard exists (after all processes of a sharded build)."""
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    num_shards = -(-manifest["num_items"] // manifest["shard_size"])
+    shards = [SHARD_NAME.format(s) for s in range(num_shards)]
+    missing = [s for s in shards if not (out_dir / s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"feature cache {out_dir}: {len(missing)} shard(s) missing, e.g. {missing[0]}"
+        )
+    _write_manifest(out_dir, {**manifest, "shards": shards, "complete": True})
+
+
+class CachedDataset:
+    """Rows read back from a cache (``ItemSource``): tensors instead of an image, same metadata as rows.
+
+    Shards are opened lazily and memory-mapped, so DataLoader workers read only what they are asked for.
+    """
+
+    def __init__(self, directory: str | Path, key: CacheKey | None = None):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no feature cache at {self.directory} (no {MANIFEST_NAME})")
+        self.manifest = json.loads(manifest_path.read_text())
+        if key is not None:
+            key.check(self.manifest["key"], self.directory)
+        if not self.manifest["complete"]:
+            raise ValueError(
+                f"feature cache {self.directory} is incomplete: run the cache build again to finish it"
+            )
+        self.shard_size = self.manifest["shard_size"]
+        self._open: dict[int, tuple[Any, list[dict[str, Any]], Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["num_items"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # memory maps stay in the process that opened them
+
+    def _shard(self, shard: int) -> tuple[Any, list[dict[str, Any]], Tensor]:
+        if shard not in self._open:
+            handle = safe_open(str(self.directory / self.manifest["shards"][shard]), framework="pt")
+            meta = json.loads(handle.metadata()["rows"])
+            self._open[shard] = (handle, meta, handle.get_tensor("item_rows"))
+        return self._open[shard]
+
+    def rows(self, index: int, epoch: int = 0) -> list[Row]:
+        """Rows of item ``index``; ``epoch`` is ignored: a cache holds the draws of epoch 0."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range for the {len(self)} items of {self.directory}")
+        handle, meta, item_rows = self._shard(index // self.shard_size)
+        local = index % self.shard_size
+        out = []
+        for r in range(int(item_rows[local]), int(item_rows[local + 1])):
+            t0, t1 = (int(x) for x in handle.get_slice("token_offsets")[r : r + 2])
+            m0, m1 = (int(x) for x in handle.get_slice("mask_offsets")[r : r + 2])
+            geometry = ImageGeometry(**meta[r]["geometry"])
+            image = int(handle.get_slice("row_image")[r : r + 1][0])
+            out.append(
+                {
+                    **{k: meta[r][k] for k in META_FIELDS},
+                    "hidden_states": handle.get_slice("hidden")[t0:t1],  # (L_i, d)
+                    "position_ids": handle.get_slice("position_ids")[t0:t1],  # (L_i,)
+                    "image_span": handle.get_slice("image_span")[r : r + 1][0],  # (2,)
+                    "text_span": handle.get_slice("text_span")[r : r + 1][0],  # (2,)
+                    "answer_index": handle.get_slice("answer_index")[r : r + 1][0],
+                    "sam_embedding": handle.get_slice("sam")[image : image + 1][0],  # (d_s, h, w)
+                    "geometry": geometry,
+                    "mask": handle.get_slice("masks")[m0:m1].numpy().reshape(geometry.height, geometry.width),
+                }
+            )
+        return out
+
+
+def stack_cached(rows: list[Row]) -> LensInputs:
+    """Cached rows → a padded batch, exactly as the backbone would have produced it (right padding)."""
+    length = max(r["hidden_states"].shape[0] for r in rows)
+    d = rows[0]["hidden_states"].shape[1]
+    hidden = rows[0]["hidden_states"].new_zeros(len(rows), length, d)  # (B, L, d)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)  # (B, L)
+    for i, r in enumerate(rows):
+        n = r["hidden_states"].shape[0]
+        hidden[i, :n], attention_mask[i, :n], positions[i, :n] = r["hidden_states"], True, r["position_ids"]
+        positions[i, n:] = positions[i, n - 1] + 1 + torch.arange(length - n)  # pads continue the count
+    g = rows[0]["geometry"]
+    features = BackboneFeatures(
+        hidden_states=hidden,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        image_span=torch.stack([r["image_span"] for r in rows]),
+        text_span=torch.stack([r["text_span"] for r in rows]),
+        answer_index=torch.stack([r["answer_index"] for r in rows]),
+        grid_size=(g.grid_h, g.grid_w),
+        geometries=[r["geometry"] for r in rows],
+    )
+    sam = torch.stack([r["sam_embedding"] for r in rows])  # (B, d_s, h, w)
+    return LensInputs(features, sam, [torch.from_numpy(np.asarray(r["mask"], np.uint8)) for r in rows])
+
+
+def lens_inputs(model: LensModel, rows: list[Row]) -> LensInputs:
+    """The model's inputs for a list of rows: from the cache when the rows carry features, else computed.
+
+    SAM embeddings are cast to the mask decoder's dtype (DeepSpeed bf16 casts the modules, not the inputs).
+    """
+    if "hidden_states" in rows[0]:
+        inputs = stack_cached(rows)
+    else:
+        images, texts = [r["image"] for r in rows], [r["instruction"] for r in rows]
+        inputs = model.prepare(images, texts, [r["mask"] for r in rows])
+    inputs.sam_embeddings = inputs.sam_embeddings.to(next(model.bridge.sam.mask_decoder.parameters()).dtype)
+    return inputs
+
+
+class SpecBackbone(Backbone):
+    """Stands in for the frozen MLLM when features come from a cache: it knows one layer's shape, no weights."""
+
+    def __init__(self, spec: LayerSpec, layer: int):
+        super().__init__()
+        self.spec, self.layer = spec, layer
+
+    def layer_spec(self) -> LayerSpec:
+        return self.spec
+
+    def encode(self, images, instructions) -> BackboneFeatures:
+        raise RuntimeError(
+            "this LENS model reads cached features and holds no MLLM; build it with build_lens"
+        )
+
+
+class _NoImageEncoder(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("SAM's image encoder was dropped: this LENS model reads cached SAM embeddings")
+
+
+def backbone_spec(config: BackboneConfig) -> LayerSpec:
+    """The head's layer shape from the MLLM's config alone: the model is built on the meta device, never loaded."""
+    hf_config = AutoConfig.from_pretrained(config.model_id, revision=config.revision)
+    with torch.device("meta"):
+        hf_model = AutoModelForImageTextToText.from_config(hf_config)
+    processor = AutoProcessor.from_pretrained(config.model_id, revision=config.revision)
+    return BACKBONES[config.name](hf_model, processor, layer=config.layer).layer_spec()
+
+
+def strip_frozen_encoders(model: LensModel) -> LensModel:
+    """Drop the MLLM and SAM's image encoder from ``model`` (in place): what training on a cache needs."""
+    model.backbone = SpecBackbone(model.backbone.layer_spec(), model.backbone.layer)
+    model.bridge.sam.vision_encoder = _NoImageEncoder()
+    return model
+
+
+def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
+    """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
+    if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
+        return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
+    d = config.decoder
+    bridge = load_sam(d.model_id, revision=d.revision, train_mask_decoder=d.train_mask_decoder)
+    model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
+    return strip_frozen_encoders(model).to(device)

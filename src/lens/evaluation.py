@@ -1,0 +1,368 @@
+"""The reference evaluation protocol, written out the way the paper reports it.
+
+Per query the mask logits are binarised (> ``decoder.mask_threshold``, 0) at the original image size and scored
+with ``lens.metrics`` (LISA's I / U); gIoU / cIoU are computed per split and per subset (ReasonSeg's short /
+long queries, the synthetic world's query kinds). Results are written as
+
+* ``per_sample.jsonl``: one record per query (I, U, IoU, query, ...), for inspection and for resuming;
+* ``results.json`` and ``results.md``: every split, plus the paper's Table 2 (ReasonSeg) and Table 3
+  (RefCOCO / RefCOCO+ / RefCOCOg cIoU) layouts when those splits were evaluated.
+
+Evaluation is resumable (items already in the per-sample files are skipped) and sharded: with an
+``Accelerator``, process r scores items r, r + P, ... into ``parts/rank{r}.jsonl``; the main process merges
+the parts once every process is done. ``output_dir`` must be visible to all processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from lens.cache import CachedDataset, CacheKey, build_lens_for_cache, lens_inputs
+from lens.config import LensConfig
+from lens.data.loader import SYNTHETIC, ItemSource, Row, build_eval_dataset
+from lens.data.synthetic import SyntheticWorld
+from lens.metrics import IoUAccumulator, intersection_union, query_iou
+from lens.model import LensModel
+from lens.weights import CONFIG_NAME, build_lens, load_lens_weights
+
+logger = logging.getLogger(__name__)
+
+PER_SAMPLE_NAME = "per_sample.jsonl"
+PARTS_DIR = "parts"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PREDICTIONS_DIR = "predictions"
+REASON_SEG = "reason_seg"
+REASON_SEG_SPLITS = ("val", "test")
+REFER_TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (  # the columns of the paper's Table 3
+    ("refcoco", ("val", "testA", "testB")),
+    ("refcoco+", ("val", "testA", "testB")),
+    ("refcocog", ("val", "test")),
+)
+SYNTHETIC_SPLITS = ("val", "test")
+OVERALL, SHORT, LONG = "overall", "short", "long"
+PERCENT = 100.0  # tables show percentages, JSON keeps fractions
+
+
+@dataclass
+class EvalSplit:
+    dataset: str  # "reason_seg", "refcoco", "synthetic", ...
+    split: str  # "val", "test", "testA", ...
+    data: ItemSource
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.split}"
+
+
+class _SingleProcess:
+    """What ``evaluate`` needs from an ``Accelerator``, for one process."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+PAPER_SPLITS: tuple[tuple[str, str], ...] = (
+    *((SYNTHETIC, s) for s in SYNTHETIC_SPLITS),
+    *((REASON_SEG, s) for s in REASON_SEG_SPLITS),
+    *((d, s) for d, splits in REFER_TABLE for s in splits),
+)
+
+
+def _available(config: LensConfig, dataset: str, split: str, cache_root: str | Path | None, world) -> bool:
+    if cache_root is not None:
+        return Path(cache_root, dataset, split).is_dir()
+    data = config.data
+    if dataset == SYNTHETIC:
+        return data.synthetic_seed is not None or world is not None
+    if dataset == REASON_SEG:
+        return bool(data.reason_seg_root)
+    return bool(data.refer_root and data.coco_image_root) and Path(data.refer_root or "", dataset).is_dir()
+
+
+def eval_splits(
+    config: LensConfig,
+    names: Sequence[str] | None = None,
+    cache_root: str | Path | None = None,
+    world: SyntheticWorld | None = None,
+) -> list[EvalSplit]:
+    """Evaluation splits by label ("reason_seg/val", "refcoco/testA", ...), read raw or from ``cache_root``.
+
+    ``names=None`` takes every split of the paper's tables that is available: configured in ``config.data``,
+    or cached under ``cache_root/{dataset}/{split}`` (built with ``train=False``, the reference prompts).
+    """
+    if names is None:
+        pairs = [(d, s) for d, s in PAPER_SPLITS if _available(config, d, s, cache_root, world)]
+    else:
+        pairs = [(name.split("/", 1)[0], name.split("/", 1)[-1]) for name in names]
+    if cache_root is None:
+        return [EvalSplit(d, s, build_eval_dataset(config.data, d, s, world)) for d, s in pairs]
+    return [
+        EvalSplit(
+            d, s, CachedDataset(Path(cache_root, d, s), CacheKey.from_config(config, d, s, train=False))
+        )
+        for d, s in pairs
+    ]
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    config: LensConfig | None = None,
+    splits: Sequence[str] | None = None,
+    cache_root: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    save_predictions: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a trained LENS checkpoint (``lens train`` output) with the reference protocol.
+
+    The model comes from the checkpoint's own config; ``config`` (default: the same) says where the data are.
+    With ``cache_root`` no MLLM is loaded: features come from ``lens cache`` output. Run it under
+    ``accelerate launch`` to shard the items over processes.
+    """
+    model_config = LensConfig.from_yaml(Path(checkpoint) / CONFIG_NAME)
+    config = config or model_config
+    mixed_precision = model_config.train.mixed_precision if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    build = build_lens_for_cache if cache_root is not None else build_lens
+    model = load_lens_weights(build(model_config, accelerator.device), checkpoint)
+    chosen = eval_splits(dataclasses.replace(model_config, data=config.data), splits, cache_root)
+    if not chosen:
+        raise ValueError(
+            "nothing to evaluate: configure ReasonSeg / REFER roots, synthetic_seed, or a cache_root"
+        )
+    return evaluate(model, chosen, output_dir, batch_size, accelerator, limit, save_predictions)
+
+
+def read_records(output_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-sample records already written (merged file and per-process parts), by key.
+
+    A line cut short by a crash is skipped: its item is simply evaluated again.
+    """
+    output_dir = Path(output_dir)
+    records: dict[str, dict[str, Any]] = {}
+    for path in [output_dir / PER_SAMPLE_NAME, *sorted((output_dir / PARTS_DIR).glob("*.jsonl"))]:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                records[record["key"]] = record
+    return records
+
+
+def prediction_path(output_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Where ``save_predictions`` puts a query's binary mask (PNG, 255 = foreground)."""
+    return (
+        Path(output_dir)
+        / PREDICTIONS_DIR
+        / record["dataset"]
+        / record["split"]
+        / f"{record['index']:06d}_{record['part']}.png"
+    )
+
+
+def _score(
+    model: LensModel, rows: list[Row], split: EvalSplit, dist: Any
+) -> list[tuple[dict[str, Any], np.ndarray]]:
+    inputs = lens_inputs(model, rows)
+    inputs.masks = None  # no loss at evaluation
+    with dist.autocast():
+        out = model(inputs)
+    scored = []
+    for row, logits in zip(rows, out.mask_logits, strict=True):
+        pred = (logits.float() > model.config.decoder.mask_threshold).cpu().numpy()  # (H, W) bool
+        intersection, union = intersection_union(pred, np.asarray(row["mask"]))
+        item = f"{split.label}/{row['index']}"
+        record = {
+            "key": f"{item}/{row['part']}",
+            "item": item,
+            "dataset": split.dataset,
+            "split": split.split,
+            **{k: row[k] for k in ("index", "part", "name", "query", "is_sentence", "kind")},
+            "intersection": intersection,
+            "union": union,
+            "iou": query_iou(intersection, union),
+        }
+        scored.append((record, pred))
+    return scored
+
+
+@torch.inference_mode()
+def evaluate(
+    model: LensModel,
+    splits: Sequence[EvalSplit],
+    output_dir: str | Path,
+    batch_size: int = 8,
+    accelerator: Any | None = None,
+    limit: int | None = None,
+    save_predictions: bool = False,
+    method: str = "LENS",
+) -> dict[str, Any]:
+    """Score ``model`` on ``splits`` (first ``limit`` items of each) and write the per-sample file and tables.
+
+    Arguments:
+        accelerator: an ``accelerate.Accelerator`` to shard items over its processes (None: one process).
+        method: row name in the Markdown tables.
+
+    Returns:
+        The content of ``results.json`` (on every process).
+    """
+    dist = accelerator or _SingleProcess()
+    output_dir = Path(output_dir)
+    (output_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    done = {r["item"] for r in read_records(output_dir).values()}
+    was_training = model.training
+    model.eval()
+    part = output_dir / PARTS_DIR / f"rank{dist.process_index}.jsonl"
+    with part.open("a") as out:
+        if out.tell() and not part.read_bytes().endswith(b"\n"):
+            out.write("\n")  # end a line cut short by a crash, so the next record starts on its own line
+        for split in splits:
+            n = len(split.data) if limit is None else min(limit, len(split.data))
+            mine = range(dist.process_index, n, dist.num_processes)
+            # Fixed batches, re-run whole when any item is missing: a resumed run sees the very same batches
+            # (padding, hence floating-point rounding) as an uninterrupted one.
+            batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+            todo = [b for b in batches if any(f"{split.label}/{i}" not in done for i in b)]
+            logger.info(
+                "evaluating %s: %d of %d batches on this process", split.label, len(todo), len(batches)
+            )
+            for batch in todo:
+                rows = [row for i in batch for row in split.data.rows(i)]
+                scored = _score(model, rows, split, dist) if rows else []
+                for record, pred in scored if save_predictions else []:
+                    path = prediction_path(output_dir, record)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pred.astype(np.uint8) * 255).save(path)
+                out.write("".join(json.dumps(record) + "\n" for record, _ in scored))  # one batch at once
+                out.flush()
+    model.train(was_training)
+    dist.wait_for_everyone()
+    if dist.is_main_process:
+        _write_results(output_dir, splits, limit, method)
+    dist.wait_for_everyone()
+    return json.loads((output_dir / RESULTS_JSON).read_text())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_results(output_dir: Path, splits: Sequence[EvalSplit], limit: int | None, method: str) -> None:
+    records = read_records(output_dir)
+    ordered = sorted(records.values(), key=lambda r: (r["dataset"], r["split"], r["index"], r["part"]))
+    _atomic_text(output_dir / PER_SAMPLE_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
+    for part in (output_dir / PARTS_DIR).glob("*.jsonl"):  # merged: the parts are no longer needed
+        part.unlink()
+    wanted = {s.label: len(s.data) if limit is None else min(limit, len(s.data)) for s in splits}
+    chosen = [r for r in ordered if r["index"] < wanted.get(f"{r['dataset']}/{r['split']}", 0)]
+    results = {
+        "splits": summarize(chosen),
+        "table2": table2(summarize(chosen)),
+        "table3": table3(summarize(chosen)),
+    }
+    _atomic_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
+    _atomic_text(output_dir / RESULTS_MD, markdown(results, method))
+
+
+def _metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
+    acc = IoUAccumulator()
+    acc.load_state_dict({**acc.state_dict(), "per_sample": [
+        {k: r[k] for k in ("key", "intersection", "union", "iou")} for r in records
+    ]})  # fmt: skip
+    return acc.compute()
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """gIoU / cIoU / count per split label and subset: overall, short / long queries, and per query kind."""
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        subsets = groups.setdefault(f"{r['dataset']}/{r['split']}", {})
+        names = [OVERALL, LONG if r["is_sentence"] else SHORT] + ([f"kind:{r['kind']}"] if r["kind"] else [])
+        for name in names:
+            subsets.setdefault(name, []).append(r)
+    return {
+        label: {name: _metrics(rs) for name, rs in sorted(subsets.items())}
+        for label, subsets in sorted(groups.items())
+    }
+
+
+def table2(summary: dict[str, Any]) -> dict[str, dict[str, float] | None] | None:
+    """ReasonSeg in the paper's Table 2 layout: val overall; test short / long / overall (gIoU, cIoU)."""
+    cells = {
+        "val": ("val", OVERALL),
+        "test_short": ("test", SHORT),
+        "test_long": ("test", LONG),
+        "test_overall": ("test", OVERALL),
+    }
+    table = {name: _cell(summary, f"{REASON_SEG}/{split}", subset) for name, (split, subset) in cells.items()}
+    return table if any(table.values()) else None
+
+
+def table3(summary: dict[str, Any]) -> dict[str, float | None] | None:
+    """RefCOCO / RefCOCO+ / RefCOCOg cIoU in the paper's Table 3 layout."""
+    table = {}
+    for dataset, splits in REFER_TABLE:
+        for split in splits:
+            cell = _cell(summary, f"{dataset}/{split}", OVERALL)
+            table[f"{dataset}/{split}"] = None if cell is None else cell["ciou"]
+    return table if any(v is not None for v in table.values()) else None
+
+
+def _cell(summary: dict[str, Any], label: str, subset: str) -> dict[str, float] | None:
+    found = summary.get(label, {}).get(subset)
+    return None if found is None else {"giou": found["giou"], "ciou": found["ciou"]}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{PERCENT * value:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown(results: dict[str, Any], method: str = "LENS") -> str:
+    """Results as Markdown: Table 2 / Table 3 layouts when present, then every split and subset."""
+    lines: list[str] = []
+    if results.get("table2"):
+        t2 = results["table2"]
+        header = ["Method"] + [f"{name.replace('_', ' ')} {m}" for name in t2 for m in ("gIoU", "cIoU")]
+        cells = [_pct(None if t2[name] is None else t2[name][m]) for name in t2 for m in ("giou", "ciou")]
+        lines += ["## ReasonSeg (Table 2 layout)", "", *_table(header, [[method, *cells]]), ""]
+    if results.get("table3"):
+        t3 = results["table3"]
+        lines += ["## Referring segmentation, cIoU (Table 3 layout)", ""]
+        lines += [*_table(["Method", *t3], [[method, *(_pct(v) for v in t3.values())]]), ""]
+    rows = [
+        [label, subset, str(m["count"]), _pct(m["giou"]), _pct(m["ciou"])]
+        for label, subsets in results["splits"].items()
+        for subset, m in subsets.items()
+    ]
+    lines += ["## All splits", "", *_table(["Split", "Subset", "Queries", "gIoU", "cIoU"], rows), ""]
+    return "\n".join(lines)

@@ -1,0 +1,374 @@
+"""Training with Hugging Face Accelerate: one loop for CPU, one GPU, DDP and DeepSpeed ZeRO-2 (paper §4.1).
+
+Optimisation follows LISA as the paper says: AdamW (betas 0.9 / 0.95), linear warm-up then linear decay by
+steps, gradient accumulation, clipping at 1.0, bf16 autocast on GPU. Only the trainable parts (head,
+descriptor, [CLS] position, SAM mask decoder) reach the optimizer and the checkpoints.
+
+``output_dir`` holds ``checkpoints/step_XXXXXXX/`` (Accelerate state: trainable weights, optimizer,
+scheduler, RNG states, sampler position; plus ``lens/``, a loadable LENS checkpoint), ``checkpoints/latest``,
+``train_log.jsonl`` (losses and lr per step, validation metrics), ``val/step_XXXXXXX/`` (evaluation files)
+and, at the end, ``model/`` (``lens.weights.load_lens``). Checkpoints are written to a temporary folder
+and renamed, so a crash never leaves a half-written one behind ``latest``. Resuming restores every piece
+of state, so the resumed run takes exactly the steps the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from lens.cache import (
+    MANIFEST_NAME,
+    CachedDataset,
+    CacheKey,
+    build_cache,
+    build_lens_for_cache,
+    finalize_cache,
+    lens_inputs,
+)
+from lens.config import LensConfig
+from lens.data.loader import (
+    SYNTHETIC,
+    ItemSource,
+    MixtureBatchSampler,
+    MixtureDataset,
+    Row,
+    build_eval_dataset,
+    build_train_datasets,
+    collate_rows,
+    train_ratios,
+)
+from lens.data.mixing import MixtureSampler
+from lens.evaluation import REASON_SEG, EvalSplit, evaluate
+from lens.model import TRAINABLE_PREFIXES, LensModel
+from lens.weights import build_lens, load_lens_weights, save_lens_weights
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS, LATEST, FINAL = "checkpoints", "latest", "model"
+LOG_NAME = "train_log.jsonl"
+TENSORBOARD = "tensorboard"
+LENS_SUBDIR = "lens"
+STEP_NAME = "step_{:07d}"
+LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
+VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
+
+
+@dataclass
+class LoopOptions:
+    """Loop settings that ``TrainConfig`` does not hold (yet)."""
+
+    save_every: int = 500  # optimizer steps between checkpoints
+    eval_every: int = 500  # optimizer steps between validations (and at the last step)
+    log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
+    keep_checkpoints: int = 2  # older ones are deleted
+    eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
+    eval_batch_size: int = 8
+    lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
+    stop_at_step: int | None = None  # end this run early (e.g. a time-limited job); resume continues
+
+
+@dataclass
+class TrainData:
+    train: dict[str, ItemSource]  # mixture name -> items (raw rows or cached features)
+    ratios: dict[str, float]
+    val: EvalSplit | None = None
+
+
+def val_dataset_name(config: LensConfig, cache_root: str | Path | None = None) -> str | None:
+    """The dataset validated on during training: the synthetic world, else ReasonSeg (as LISA), if available."""
+    data = config.data
+    for name in VAL_DATASETS:
+        if cache_root is not None:
+            found = (Path(cache_root) / name / data.val_split / MANIFEST_NAME).is_file()
+        else:
+            found = data.synthetic_seed is not None if name == SYNTHETIC else bool(data.reason_seg_root)
+        if found:
+            return name
+    return None
+
+
+def build_train_data(config: LensConfig, cache_root: str | Path | None = None) -> TrainData:
+    """Training datasets from ``config.data``, or from ``cache_root/{dataset}/{train,<val_split>}`` caches."""
+    data, seed, split = config.data, config.train.seed, config.data.val_split
+    val_name = val_dataset_name(config, cache_root)
+    if cache_root is None:
+        val = None if val_name is None else build_eval_dataset(data, val_name, split)
+        train: dict[str, ItemSource] = dict(build_train_datasets(data, seed))
+        ratios = train_ratios(data)
+    else:
+        root, key = Path(cache_root), CacheKey.from_config
+        names = sorted(d.name for d in root.iterdir() if (d / "train" / MANIFEST_NAME).is_file())
+        if not names:
+            raise FileNotFoundError(f"no training caches under {root} (expected {root}/<dataset>/train/)")
+        train = {n: CachedDataset(root / n / "train", key(config, n, "train", True, seed)) for n in names}
+        ratios = {SYNTHETIC: 1.0} if SYNTHETIC in names else train_ratios(data)
+        val = (
+            None
+            if val_name is None
+            else CachedDataset(root / val_name / split, key(config, val_name, split, False))
+        )
+    return TrainData(train, ratios, None if val is None else EvalSplit(val_name, split, val))
+
+
+def cache_datasets(
+    config: LensConfig,
+    cache_root: str | Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    shard_size: int = 256,
+    batch_size: int = 8,
+) -> list[Path]:
+    """Build feature caches under ``cache_root/{dataset}/{split}``.
+
+    ``splits`` holds "train" (every training dataset, rows as drawn at epoch 0), bare split names of the
+    validation dataset ("val") and evaluation labels ("reason_seg/test", "refcoco/testA"; reference prompts).
+    Resumable; under ``accelerate launch`` the shards are spread over the processes.
+    """
+    accelerator = Accelerator()
+    model = build_lens(config, accelerator.device)
+    data, seed = config.data, config.train.seed
+    jobs: list[tuple[str, str, ItemSource, bool]] = []
+    if "train" in splits:
+        jobs += [(name, "train", ds, True) for name, ds in build_train_datasets(data, seed).items()]
+    for entry in (s for s in splits if s != "train"):
+        name, split = entry.split("/", 1) if "/" in entry else (val_dataset_name(config), entry)
+        if name is None:
+            raise ValueError(f"no validation dataset configured for split {entry!r}")
+        jobs.append((name, split, build_eval_dataset(data, name, split), False))
+    out = []
+    for name, split, dataset, is_train in jobs:
+        key = CacheKey.from_config(config, name, split, train=is_train, seed=seed)
+        directory = Path(cache_root) / name / split
+        rank, world = accelerator.process_index, accelerator.num_processes
+        build_cache(model, dataset, directory, key, shard_size, batch_size, rank, world)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and world > 1:
+            finalize_cache(directory)
+        out.append(directory)
+    return out
+
+
+class _Progress:
+    """Checkpointed with Accelerate (``register_for_checkpointing``): the step and the sampler position."""
+
+    def __init__(self, batches: MixtureBatchSampler):
+        self.step, self.batches = 0, batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.batches.load_state_dict(state["batches"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    pointer = Path(output_dir) / CHECKPOINTS / LATEST
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _keep_trainable(models: list, weights: list[dict[str, torch.Tensor]], _directory: str) -> None:
+    """Accelerate save hook: checkpoint the trainable tensors only (the frozen MLLM is referenced by id)."""
+    for state in weights:
+        for name in [n for n in state if not n.removeprefix("module.").startswith(TRAINABLE_PREFIXES)]:
+            del state[name]
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, model: LensModel, step: int, output_dir: Path, keep: int
+) -> None:
+    root = output_dir / CHECKPOINTS
+    final, tmp = root / STEP_NAME.format(step), root / f".tmp_{STEP_NAME.format(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    extra = (
+        {"exclude_frozen_parameters": True}
+        if accelerator.distributed_type == DistributedType.DEEPSPEED
+        else {}
+    )
+    accelerator.save_state(str(tmp), **extra)
+    if accelerator.is_main_process:
+        save_lens_weights(model, tmp / LENS_SUBDIR)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (root / f".{LATEST}").write_text(final.name)
+        (root / f".{LATEST}").replace(root / LATEST)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+
+
+def _validate(
+    model: LensModel,
+    split: EvalSplit,
+    output_dir: Path,
+    step: int,
+    options: LoopOptions,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """gIoU / cIoU on the first ``eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
+    out_dir = output_dir / "val" / STEP_NAME.format(step)
+    results = evaluate(model, [split], out_dir, options.eval_batch_size, accelerator, options.eval_limit)
+    overall = results["splits"][split.label]["overall"]
+    return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
+
+
+def _write_log(path: Path, records: list[dict[str, Any]], mode: str = "a") -> None:
+    with path.open(mode) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def train(
+    config: LensConfig,
+    output_dir: str | Path,
+    resume: bool = False,
+    *,
+    model: LensModel | None = None,
+    data: TrainData | None = None,
+    cache_root: str | Path | None = None,
+    options: LoopOptions | None = None,
+) -> list[dict[str, Any]]:
+    """Train LENS as ``config`` says; returns this run's log records (also in ``train_log.jsonl``).
+
+    Arguments:
+        resume: continue from ``output_dir``'s latest checkpoint (refused without it when one exists).
+        model: a ready model (tests, custom backbones); default ``build_lens`` / ``build_lens_for_cache``.
+        data: ready datasets; default ``build_train_data(config, cache_root)``.
+        cache_root: read features from ``lens cache`` output instead of running the MLLM.
+    """
+    options, tc, output_dir = options or LoopOptions(), config.train, Path(output_dir)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=tc.grad_accum_steps,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / TENSORBOARD)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    start = latest_checkpoint(output_dir)
+    if start is not None and not resume:
+        raise FileExistsError(f"{output_dir} already has checkpoints: resume, or train into a new folder")
+    set_seed(tc.seed)
+    if model is None:
+        model = (build_lens_for_cache if cache_root else build_lens)(config, accelerator.device)
+    data = data or build_train_data(config, cache_root)
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    logger.info(
+        "trainable parameters: %d (%d frozen tensors left out)", sum(p.numel() for p in params), len(frozen)
+    )
+    # DDP never broadcasts or reduces the frozen MLLM / SAM encoder, nor buffers (all fixed by the config)
+    model._ddp_params_and_buffers_to_ignore = frozen + [n for n, _ in model.named_buffers()]
+
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(options.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
+    batches = MixtureBatchSampler(
+        MixtureSampler(data.train, data.ratios, seed=tc.seed),
+        tc.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    loader = DataLoader(
+        MixtureDataset(data.train),
+        batch_sampler=batches,
+        collate_fn=collate_rows,
+        num_workers=config.data.num_workers,
+        generator=torch.Generator().manual_seed(tc.seed),  # the global RNG stays untouched by the loader
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_clipping=tc.max_grad_norm)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    progress = _Progress(batches)
+    accelerator.register_for_checkpointing(progress)
+    accelerator.register_save_state_pre_hook(_keep_trainable)
+    unwrapped: LensModel = accelerator.unwrap_model(model)
+
+    log_path = output_dir / LOG_NAME
+    if start is not None:
+        strict = (
+            {"load_module_strict": False}
+            if accelerator.distributed_type == DistributedType.DEEPSPEED
+            else {"strict": False}
+        )
+        accelerator.load_state(str(start), **strict)
+        load_lens_weights(unwrapped, start / LENS_SUBDIR)  # checks every trainable tensor is there
+        logger.info("resumed from %s at step %d", start, progress.step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        kept = (
+            list(map(json.loads, log_path.read_text().splitlines())) if start and log_path.is_file() else []
+        )
+        _write_log(log_path, [r for r in kept if r["step"] <= progress.step], mode="w")
+    accelerator.init_trackers("lens")
+
+    stop = min(tc.max_steps, options.stop_at_step or tc.max_steps)
+    records: list[dict[str, Any]] = []
+    sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+    micro = 0
+    bar = tqdm(
+        total=tc.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    model.train()
+    last_rows: list[Row] = []
+    for rows in loader if progress.step < stop else []:
+        batches.mark_consumed()
+        with accelerator.accumulate(model):
+            # An item may hold no query (an image without a usable class): rerun the previous rows with zero
+            # weight, so every process still takes part in the gradient all-reduce.
+            weight, last_rows = (1.0, rows) if rows else (0.0, last_rows)
+            if not last_rows:
+                raise ValueError("the first training batch holds no query")
+            out = model(lens_inputs(unwrapped, last_rows))
+            accelerator.backward(out.loss * weight)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        if rows:
+            sums += torch.tensor(
+                [out.loss.item(), *(out.losses[n].item() for n in LOSS_NAMES[1:])], dtype=torch.float64
+            )
+            micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        progress.step += 1
+        means = accelerator.reduce((sums / max(micro, 1)).to(accelerator.device), "mean").tolist()
+        record = {"step": progress.step, **dict(zip(LOSS_NAMES, means, strict=True)), "lr": lr}
+        sums.zero_()
+        micro = 0
+        if data.val is not None and (
+            progress.step % options.eval_every == 0 or progress.step == tc.max_steps
+        ):
+            record.update(_validate(unwrapped, data.val, output_dir, progress.step, options, accelerator))
+        records.append(record)
+        if accelerator.is_main_process:
+            _write_log(log_path, [record])
+        if progress.step % options.log_every == 0 or "val_giou" in record:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=progress.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if progress.step % options.save_every == 0 or progress.step == stop:
+            _save_checkpoint(accelerator, unwrapped, progress.step, output_dir, options.keep_checkpoints)
+        if progress.step >= stop:
+            break
+    bar.close()
+    if progress.step >= tc.max_steps and accelerator.is_main_process:
+        save_lens_weights(unwrapped, output_dir / FINAL)
+    accelerator.end_training()
+    return records
