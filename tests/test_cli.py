@@ -9,7 +9,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "predict", "export-world"):
+    for command in ("demo", "predict", "export-world", "train", "eval", "cache"):
         assert command in result.output
 
 

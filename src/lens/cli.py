@@ -78,6 +78,101 @@ def predict(
     _run(job)
 
 
+def _config(path: Path):
+    from lens.config import LensConfig
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    return LensConfig.from_yaml(path)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="LensConfig YAML (see configs/)")],
+    output_dir: Annotated[Path, typer.Option(help="checkpoints, logs, final model/")] = Path("runs/lens"),
+    resume: Annotated[bool, typer.Option(help="continue from output_dir's latest checkpoint")] = False,
+    cache_root: Annotated[Path | None, typer.Option(help="read features from `lens cache` output")] = None,
+    save_every: int = 500,
+    eval_every: int = 500,
+    eval_limit: Annotated[int | None, typer.Option(help="validation items per evaluation")] = 200,
+    lr_schedule: Annotated[str, typer.Option(help="linear | cosine decay after warm-up")] = "linear",
+    stop_at_step: Annotated[int | None, typer.Option(help="end this run early; --resume continues")] = None,
+) -> None:
+    """Train the LENS head (Accelerate: run under `accelerate launch` for several GPUs / nodes)."""
+
+    def job() -> None:
+        from lens.training import LoopOptions, train
+
+        options = LoopOptions(
+            save_every=save_every,
+            eval_every=eval_every,
+            eval_limit=eval_limit,
+            lr_schedule=lr_schedule,
+            stop_at_step=stop_at_step,
+        )
+        train(_config(config), output_dir, resume, cache_root=cache_root, options=options)
+
+    _run(job)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="LENS checkpoint directory (e.g. runs/lens/model)")],
+    output_dir: Annotated[Path, typer.Option(help="results.md, results.json, per-sample records")] = Path(
+        "runs/eval"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="where the data are (default: the checkpoint's)")
+    ] = None,
+    splits: Annotated[
+        str | None, typer.Option(help="comma-separated dataset/split, e.g. reason_seg/val")
+    ] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="read features from `lens cache` output")] = None,
+    batch_size: int = 8,
+    limit: Annotated[int | None, typer.Option(help="items per split (default: all)")] = None,
+    save_predictions: bool = False,
+) -> None:
+    """Evaluate with the reference protocol (gIoU / cIoU; the paper's Table 2 / Table 3 layouts)."""
+
+    def job() -> None:
+        from lens.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(
+            checkpoint,
+            output_dir,
+            config=None if config is None else _config(config),
+            splits=None if splits is None else splits.split(","),
+            cache_root=cache_root,
+            batch_size=batch_size,
+            limit=limit,
+            save_predictions=save_predictions,
+        )
+        Console().print((output_dir / "results.md").read_text())
+
+    _run(job)
+
+
+@app.command()
+def cache(
+    config: Annotated[Path, typer.Argument(help="LensConfig YAML naming the models and data")],
+    cache_root: Annotated[Path, typer.Option(help="where the sharded safetensors caches go")],
+    splits: Annotated[
+        str, typer.Option(help="comma-separated splits, e.g. train,val,reason_seg/test")
+    ] = "train,val",
+    shard_size: int = 256,
+    batch_size: int = 8,
+) -> None:
+    """Pre-compute layer-k MLLM features and SAM image embeddings (resumable)."""
+
+    def job() -> None:
+        from lens.training import cache_datasets
+
+        done = cache_datasets(_config(config), cache_root, tuple(splits.split(",")), shard_size, batch_size)
+        Console().print(f"{len(done)} caches ready under {cache_root}")
+
+    _run(job)
+
+
 @app.command("export-world")
 def export_world(
     out: Annotated[Path, typer.Argument(help="directory to write {split}/<name>.jpg + .json into")],
