@@ -17,3 +17,14 @@ test: setup
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
+
+# Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers).
+ASSETS := src/lens/assets/synthetic
+.PHONY: world
+world: setup
+	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm
+	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam
+	rm -rf runs/synthetic
+	lens train configs/synthetic.yaml --output-dir runs/synthetic --eval-every 600 --save-every 300 --eval-limit 200
+	rm -rf $(ASSETS)/lens && cp -r runs/synthetic/model $(ASSETS)/lens
+	lens eval $(ASSETS)/lens --splits synthetic/test --output-dir runs/synthetic-eval
