@@ -110,7 +110,9 @@ class LensModel(nn.Module):
         # Keypoints: NMS + one Newton step on the unclipped map, so saturated plateaus keep their peaks.
         with torch.no_grad():
             scores = head.attention_scores.float()
-            points, valid = extract_keypoints(scores, kp.nms_radius, kp.max_points, kp.subpixel_eps)  # (B, m, 2)
+            points, valid = extract_keypoints(
+                scores, kp.nms_radius, kp.max_points, kp.subpixel_eps
+            )  # (B, m, 2)
             gh, gw = (
                 f.grid_size
             )  # a corner step can leave the grid: keep points on the image (cell edge ±0.5)
