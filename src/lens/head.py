@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from lens.backbone.base import LayerSpec
+from lens.backbone.base import LayerSpec, span_mask
 
 
 class RMSNorm(nn.Module):
@@ -155,8 +155,7 @@ class SegmentationHead(nn.Module):
         x, _ = self.layers[1](x, rope, mask)
 
         gh, gw = grid_size
-        positions = torch.arange(x.shape[1], device=x.device)
-        text_mask = (positions >= text_span[:, :1]) & (positions < text_span[:, 1:])  # (B, L)
+        text_mask = span_mask(text_span, x.shape[1])  # (B, L)
         scores = text_to_image_attention(probs, image_span, text_mask, gh * gw) * (gh * gw)  # (B, n_image)
         scores = scores.view(-1, gh, gw)
         return HeadOutput(hidden_states=x, attention_map=scores.clamp(max=1.0), attention_scores=scores)

@@ -54,11 +54,11 @@ class BackboneFeatures:
 
     @property
     def image_mask(self) -> Tensor:  # (B, L) bool
-        return _span_mask(self.image_span, self.hidden_states.shape[1])
+        return span_mask(self.image_span, self.hidden_states.shape[1])
 
     @property
     def text_mask(self) -> Tensor:  # (B, L) bool
-        return _span_mask(self.text_span, self.hidden_states.shape[1])
+        return span_mask(self.text_span, self.hidden_states.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BackboneFeatures:
         moved = {}
@@ -71,7 +71,8 @@ class BackboneFeatures:
         return BackboneFeatures(**moved)
 
 
-def _span_mask(span: Tensor, length: int) -> Tensor:
+def span_mask(span: Tensor, length: int) -> Tensor:
+    """(B, L) bool: True on positions in [start, end) of each row's span (B, 2)."""
     positions = torch.arange(length, device=span.device)  # (L,)
     return (positions >= span[:, :1]) & (positions < span[:, 1:])  # (B, L)
 
