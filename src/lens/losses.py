@@ -36,8 +36,13 @@ def mask_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def attention_loss(attention_map: Tensor, target: Tensor) -> Tensor:
-    """Eq. (5): mean BCE between A_c (B, gh, gw) in [0, 1] and the mask's per-cell coverage (B, gh, gw)."""
-    return F.binary_cross_entropy(attention_map.float(), target.float().clamp(0, 1))
+    """Eq. (5): mean BCE between A_c (B, gh, gw) in [0, 1] and the mask's per-cell coverage (B, gh, gw).
+
+    A_c is a probability, not a logit, so this is plain BCE, which autocast refuses to run in low precision:
+    it is computed in float32 with autocast off (bf16 training on GPU would otherwise stop here).
+    """
+    with torch.autocast(attention_map.device.type, enabled=False):
+        return F.binary_cross_entropy(attention_map.float(), target.float().clamp(0, 1))
 
 
 def lens_loss(

@@ -75,12 +75,12 @@ class MllmTrainConfig:
     """Every setting of a pretraining run; the defaults produce the shipped checkpoint."""
 
     # Stage 1: the vision tower alone learns which objects a caption names (see ``pretrain_vision``).
-    vision_steps: int = 200
-    vision_batch: int = 64
+    vision_steps: int = 1200
+    vision_batch: int = 128
     vision_lr: float = 3e-3
     # Stage 2: the whole model learns to answer, with the LM loss on answer tokens.
-    steps: int = 600
-    scenes_per_step: int = 16  # images per batch
+    steps: int = 2400
+    scenes_per_step: int = 64  # images per batch
     questions_per_scene: int = 16  # short-answer questions sampled per image, plus its caption
     lr: float = 2e-3
     vision_lr_scale: float = 0.5  # vision tower and projector learn slower: they arrive pretrained
@@ -93,8 +93,11 @@ class MllmTrainConfig:
     seed: int = 0  # model initialisation and data order
     world_seed: int = 0
     num_threads: int = 1
+    num_workers: int = 0  # processes rendering scenes and building batches (0: in the training process)
     bf16_autocast: bool = True  # bf16 matmuls, fp32 weights: ~2x faster on CPUs with AVX512-BF16
-    attn_implementation: str = "eager"  # for training only; faster than sdpa under autocast on CPU
+    attn_implementation: str | None = (
+        None  # for training only; None: eager on CPU (faster under autocast), sdpa on GPU
+    )
     eval_scenes: int = 200  # first scenes of the test split used for the final VQA evaluation
     eval_batch_size: int = 64
     log_every: int = 25
@@ -230,10 +233,7 @@ def caption_labels(caption: str) -> list[str]:
 
 
 def pretrain_vision(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
-    cfg: MllmTrainConfig,
-    rng: np.random.Generator,
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: MllmTrainConfig
 ) -> None:
     """Stage 1: teach the vision tower what captions name, through a throw-away linear probe on every patch.
 
@@ -245,22 +245,14 @@ def pretrain_vision(
     """
     device = next(model.parameters()).device
     tower = model.model.vision_tower
-    index = {label: i for i, label in enumerate(CAPTION_LABELS)}
     train = SyntheticWorld(seed=cfg.world_seed).split("train")
 
-    def sample() -> tuple[torch.Tensor, torch.Tensor]:
-        scenes = [train[int(i)] for i in rng.integers(len(train), size=cfg.vision_batch)]
-        pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        targets = torch.zeros(len(scenes), len(CAPTION_LABELS))
-        for row, scene in enumerate(scenes):
-            caption = next(qa.answer for qa in scene.vqa() if qa.kind == CAPTION_KIND)
-            targets[row, [index[label] for label in caption_labels(caption)]] = 1.0
-        return pixels.to(device), targets.to(device)
-
+    batches = _loader(_CaptionBatches(train, processor, cfg), cfg)
     head = torch.nn.Linear(cfg.spec.vision_hidden, len(CAPTION_LABELS)).to(device)
     num_patches = (cfg.spec.image_size // cfg.spec.patch_size) ** 2
     with torch.no_grad():  # start from the label frequencies of one batch, not from a coin flip per label
-        prior = sample()[1].mean(dim=0).clamp(0.5 / cfg.vision_batch, 1 - 0.5 / cfg.vision_batch)
+        prior = _CaptionBatches(train, processor, cfg)[cfg.vision_steps][1].mean(dim=0)  # a batch of its own
+        prior = prior.clamp(0.5 / cfg.vision_batch, 1 - 0.5 / cfg.vision_batch)
         head.weight.zero_()
         head.bias.copy_(torch.logit(prior) - math.log(num_patches))  # logsumexp of N equal logits adds log N
     params = [*tower.parameters(), *head.parameters()]
@@ -269,8 +261,8 @@ def pretrain_vision(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / cfg.vision_steps)))
     )
-    for step in tqdm(range(cfg.vision_steps), desc="vision", disable=None):
-        pixels, targets = sample()
+    for step, (pixels, targets) in enumerate(tqdm(batches, desc="vision", disable=None)):
+        pixels, targets = pixels.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             hidden = tower(pixels, output_hidden_states=True).hidden_states
             features = hidden[model.config.vision_feature_layer][:, 1:]  # (B, N, C): what the projector gets
@@ -285,6 +277,74 @@ def pretrain_vision(
             hits = ((logits > 0) & (targets > 0)).sum()
             f1 = 2 * hits / ((logits > 0).sum() + targets.sum())
             logger.info("vision step %d loss %.4f label F1 %.3f", step + 1, loss.item(), f1.item())
+
+
+class _CaptionBatches(torch.utils.data.Dataset):
+    """Stage-1 batch of each step: random train images, their pixels and the ``CAPTION_LABELS`` their captions state.
+
+    Step ``s`` draws from its own generator seeded with ``(seed, s)``, so batches do not depend on which worker
+    process builds them.
+    """
+
+    def __init__(self, train: Sequence[Scene], processor: LlavaProcessor, cfg: MllmTrainConfig) -> None:
+        self.train, self.processor, self.cfg = train, processor, cfg
+        self.index = {label: i for i, label in enumerate(CAPTION_LABELS)}
+
+    def __len__(self) -> int:
+        return self.cfg.vision_steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, 1, step])
+        scenes = [self.train[int(i)] for i in rng.integers(len(self.train), size=self.cfg.vision_batch)]
+        pixels = self.processor.image_processor([s.image for s in scenes], return_tensors="pt")[
+            "pixel_values"
+        ]
+        targets = torch.zeros(len(scenes), len(CAPTION_LABELS))  # (B, labels)
+        for row, scene in enumerate(scenes):
+            caption = next(qa.answer for qa in scene.vqa() if qa.kind == CAPTION_KIND)
+            targets[row, [self.index[label] for label in caption_labels(caption)]] = 1.0
+        return pixels, targets
+
+
+class _QuestionBatches(torch.utils.data.Dataset):
+    """Stage-2 batch of each step: the step's scenes of ``order`` with questions drawn by its own generator."""
+
+    def __init__(
+        self,
+        train: Sequence[Scene],
+        order: np.ndarray,
+        processor: LlavaProcessor,
+        parts: PromptParts,
+        cfg: MllmTrainConfig,
+    ) -> None:
+        self.train, self.order, self.processor, self.parts, self.cfg = train, order, processor, parts, cfg
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.cfg.seed, 2, step])
+        chosen = self.order[step * self.cfg.scenes_per_step : (step + 1) * self.cfg.scenes_per_step]
+        scenes = [self.train[int(i)] for i in chosen]
+        return make_batch(scenes, self.processor, self.parts, self.cfg.questions_per_scene, rng)
+
+
+def _unbatched(item: Any) -> Any:
+    return item
+
+
+def _loader(dataset: torch.utils.data.Dataset, cfg: MllmTrainConfig) -> torch.utils.data.DataLoader:
+    """Steps in order; with ``num_workers`` > 0, worker processes build the next batches while the model trains."""
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_unbatched,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
 
 
 def _fan_in_init(model: LlavaForConditionalGeneration, num_layers: int, seed: int) -> None:
@@ -391,10 +451,10 @@ def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, Llava
     device = _device()
     rng = np.random.default_rng(cfg.seed)
     model, processor = build_model(cfg)
-    model.set_attn_implementation(cfg.attn_implementation)
+    model.set_attn_implementation(cfg.attn_implementation or ("eager" if device.type == "cpu" else "sdpa"))
     model.to(device).train()
     if cfg.vision_steps:
-        pretrain_vision(model, processor, cfg, rng)
+        pretrain_vision(model, processor, cfg)
     parts = PromptParts.of(processor)
     optimizer = _optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
@@ -403,9 +463,9 @@ def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, Llava
     logger.info("training %.2fM parameters for %d steps on %s", _millions(model), cfg.steps, device)
 
     window, curve = [], []
-    for step in tqdm(range(cfg.steps), desc="mllm", disable=None):
-        scenes = [train[int(i)] for i in order[step * cfg.scenes_per_step : (step + 1) * cfg.scenes_per_step]]
-        batch = make_batch(scenes, processor, parts, cfg.questions_per_scene, rng).to(device)
+    batches = _loader(_QuestionBatches(train, order, processor, parts, cfg), cfg)
+    for step, batch in enumerate(tqdm(batches, desc="mllm", disable=None)):
+        batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             loss, results = batch_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -451,7 +511,9 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         "vqa_test": vqa,
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.perf_counter() - start, 1),
-        "device": f"{device.type} ({cfg.num_threads} thread{'s' * (cfg.num_threads > 1)})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({cfg.num_threads} threads)",
         "command": command,
         "config": dataclasses.asdict(cfg),
         "learning_curve": curve,
@@ -535,16 +597,35 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     out: Annotated[Path, typer.Option(help="directory for the checkpoint and metrics.json")] = DEFAULT_OUT,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = MllmTrainConfig.steps,
+    steps: Annotated[int, typer.Option(help="whole-model optimizer steps")] = MllmTrainConfig.steps,
+    scenes_per_step: Annotated[
+        int, typer.Option(help="images per whole-model step")
+    ] = MllmTrainConfig.scenes_per_step,
+    lr: Annotated[float, typer.Option(help="whole-model peak learning rate")] = MllmTrainConfig.lr,
+    vision_steps: Annotated[
+        int, typer.Option(help="vision-tower steps (stage 1)")
+    ] = MllmTrainConfig.vision_steps,
+    vision_batch: Annotated[int, typer.Option(help="images per vision step")] = MllmTrainConfig.vision_batch,
     seed: Annotated[int, typer.Option(help="initialisation and data order")] = MllmTrainConfig.seed,
     num_threads: Annotated[int, typer.Option(help="CPU threads for torch")] = MllmTrainConfig.num_threads,
+    num_workers: Annotated[int, typer.Option(help="batch-building processes")] = MllmTrainConfig.num_workers,
     eval_scenes: Annotated[
         int, typer.Option(help="test scenes to evaluate on")
     ] = MllmTrainConfig.eval_scenes,
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = MllmTrainConfig(steps=steps, seed=seed, num_threads=num_threads, eval_scenes=eval_scenes)
+    cfg = MllmTrainConfig(
+        steps=steps,
+        scenes_per_step=scenes_per_step,
+        lr=lr,
+        vision_steps=vision_steps,
+        vision_batch=vision_batch,
+        seed=seed,
+        num_threads=num_threads,
+        num_workers=num_workers,
+        eval_scenes=eval_scenes,
+    )
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)
 

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -58,10 +59,10 @@ class SamTrainConfig:
     spec: TinySamSpec = field(default_factory=lambda: WORLD_SAM_SPEC)
     seed: int = 0  # model init, scene order, prompts
     world_seed: int = 0
-    train_scenes: int = 8000  # first scenes of the train split, rendered once into tensors
+    train_scenes: int = 20000  # first scenes of the train split (all of it), rendered once into tensors
     eval_scenes: int = 1000  # first scenes of the val and test splits scored at the end (0: skip)
-    steps: int = 3800
-    batch_images: int = 8  # every object of each image is prompted: ~4 prompts per image
+    steps: int = 1500
+    batch_images: int = 48  # every object of each image is prompted: ~4 prompts per image
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 200  # then cosine decay to 0
@@ -78,6 +79,7 @@ class SamTrainConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     num_threads: int = 1  # CPU threads (another training job uses the other core)
+    render_workers: int = 0  # processes rendering the train scenes (0: in the training process)
     device: str | None = None  # None: CUDA if available, else CPU
     log_every: int = 250
 
@@ -112,6 +114,22 @@ class SceneTensors:
             torch.from_numpy(labels),
             torch.tensor(object_image),
             torch.tensor(object_label, dtype=torch.uint8),
+        )
+
+    @classmethod
+    def render(cls, scenes: Sequence[Scene], workers: int = 0, chunk: int = 500) -> SceneTensors:
+        """``from_scenes`` over chunks rendered by ``workers`` processes (scenes are generated lazily)."""
+        if workers <= 0:
+            return cls.from_scenes(scenes)
+        chunks = [scenes[i : i + chunk] for i in range(0, len(scenes), chunk)]
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(cls.from_scenes, chunks))
+        offsets = torch.tensor([0] + [len(p.images) for p in parts[:-1]]).cumsum(0)
+        return cls(
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.object_image + offset for p, offset in zip(parts, offsets, strict=True)]),
+            torch.cat([p.object_label for p in parts]),
         )
 
     def masks(self) -> Tensor:
@@ -334,7 +352,7 @@ def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = No
     model, processor = build_world_sam(cfg)
     model.to(device).train()
     world = SyntheticWorld(seed=cfg.world_seed)
-    data = SceneTensors.from_scenes(world.split("train")[: cfg.train_scenes])
+    data = SceneTensors.render(world.split("train")[: cfg.train_scenes], cfg.render_workers)
     logger.info("rendered %d train scenes, %d objects", len(data.images), len(data.object_image))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -387,14 +405,26 @@ def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = No
 def main(
     out: Annotated[Path, typer.Option(help="directory for the model, processor and metrics.json")],
     steps: int = SamTrainConfig.steps,
+    batch_images: int = SamTrainConfig.batch_images,
     train_scenes: int = SamTrainConfig.train_scenes,
     eval_scenes: int = SamTrainConfig.eval_scenes,
     lr: float = SamTrainConfig.lr,
+    warmup_steps: int = SamTrainConfig.warmup_steps,
     seed: int = SamTrainConfig.seed,
+    render_workers: int = SamTrainConfig.render_workers,
 ) -> None:
     """Pretrain the synthetic world's small SAM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = SamTrainConfig(steps=steps, train_scenes=train_scenes, eval_scenes=eval_scenes, lr=lr, seed=seed)
+    cfg = SamTrainConfig(
+        steps=steps,
+        batch_images=batch_images,
+        train_scenes=train_scenes,
+        eval_scenes=eval_scenes,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        render_workers=render_workers,
+    )
     train_sam(cfg, out, command=shlex.join(["python", "-m", "lens.world.sam", *sys.argv[1:]]))
 
 
