@@ -1,9 +1,13 @@
+import math
+
+import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from lens.backbone import LayerSpec
 from lens.head import SegmentationHead, causal_mask, rotary, text_to_image_attention
+from lens.losses import attention_loss
 
 SPEC = LayerSpec(
     hidden_size=32,
@@ -53,10 +57,20 @@ def test_attention_map_shape_range_and_normalisation():
     out = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
     assert out.attention_map.shape == (2, 2, 3) and out.hidden_states.shape == hidden.shape
     assert (out.attention_map >= 0).all() and (out.attention_map <= 1).all()
-    torch.testing.assert_close(out.attention_map, out.attention_scores.clamp(max=1))
-    # scores / n_image summed over cells = the average text row's total attention on the image, <= 1.
-    mass = out.attention_scores.flatten(1).sum(1) / 6
+    torch.testing.assert_close(out.attention_map, out.attention_scores / 6)  # eq. 1: the plain mean
+    # A_c summed over cells = the average text row's total attention on the image, <= 1.
+    mass = out.attention_map.flatten(1).sum(1)
     assert (mass > 0).all() and (mass <= 1 + 1e-6).all()
+
+
+def test_attention_loss_is_eq5_on_the_plain_mean():
+    # Two cells, the first a target: A_c = (0.3, 0.1) of the text rows' attention.
+    a = torch.tensor([[[0.3, 0.1]]], requires_grad=True)
+    loss = attention_loss(a, torch.tensor([[[1.0, 0.0]]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-(math.log(0.3) + math.log(0.9)) / 2, rel=1e-6)
+    # The target cell is pulled up with -1/(2 A_c); the non-target one pushed down with 1/(2 (1 - A_c)).
+    torch.testing.assert_close(a.grad, torch.tensor([[[-1 / 0.6, 1 / 1.8]]]))
 
 
 def test_text_to_image_attention_by_hand():

@@ -101,8 +101,8 @@ class HeadLayer(nn.Module):
 @dataclass
 class HeadOutput:
     hidden_states: Tensor  # (B, L, d) H²_out: layer-2 features of every token
-    attention_map: Tensor  # (B, gh, gw) A_c in [0, 1], the supervised grounding map
-    attention_scores: Tensor  # (B, gh, gw) n_img · mean text→image attention, unclipped (keypoints read this)
+    attention_map: Tensor  # (B, gh, gw) A_c: mean text→image attention (eq. 1), supervised by eq. 5
+    attention_scores: Tensor  # (B, gh, gw) n_img · A_c: 1 where a cell holds its uniform share (keypoints)
 
 
 def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -127,11 +127,14 @@ def text_to_image_attention(probs: Tensor, image_span: Tensor, text_mask: Tensor
 class SegmentationHead(nn.Module):
     """Two backbone-shaped layers: attention refinement (→ A_c), then feature enhancement.
 
-    Normalisation of A_c: each attention row is a softmax over *all* tokens, so a raw text→image weight
-    is at most 1 and typically ~1/n_image. We scale by n_image (a cell receiving exactly its uniform share
-    scores 1) and clip to 1: every cell of a target can then reach 1 at once when attention concentrates
-    on the target, and attention parked on text tokens (the attention sink) gives an all-zero map, which
-    is what an absent target asks for.
+    A_c is eq. 1 as written: the mean over text tokens of their attention to each image token, a
+    probability mass in [0, 1] that eq. 5's BCE supervises directly. Its scale matters for training: the
+    positive cells' −log A_c pulls attention mass onto the target with a gradient ~1/A_c, while the many
+    negative cells cost only ~A_c each. We first scaled A_c by n_image (a cell holding its uniform share
+    scores 1) and clipped or saturated it at 1: that weighted the ~94% negative cells n_image times more,
+    and the head learnt to move attention off the image altogether (every text token parked on the
+    attention sink, A_c ≈ 0.01 everywhere) instead of onto the query's target. Keypoints read
+    ``attention_scores`` = n_image · A_c, the same map on a readable scale (NMS is scale-free).
     """
 
     def __init__(self, spec: LayerSpec):
@@ -158,4 +161,4 @@ class SegmentationHead(nn.Module):
         text_mask = span_mask(text_span, x.shape[1])  # (B, L)
         scores = text_to_image_attention(probs, image_span, text_mask, gh * gw) * (gh * gw)  # (B, n_image)
         scores = scores.view(-1, gh, gw)
-        return HeadOutput(hidden_states=x, attention_map=scores.clamp(max=1.0), attention_scores=scores)
+        return HeadOutput(hidden_states=x, attention_map=scores / (gh * gw), attention_scores=scores)

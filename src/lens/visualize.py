@@ -21,8 +21,12 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, colour=MASK_COLOUR, alpha
 
 
 def attention_image(attention_map: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """A_c (gh, gw) in [0, 1] as a heat map of ``size`` (width, height) covering the MLLM's padded square."""
-    a = np.clip(np.asarray(attention_map, np.float32), 0, 1)
+    """A_c (gh, gw) as a heat map of ``size`` (width, height) covering the MLLM's padded square.
+
+    A_c is an attention mass (its cells sum to at most 1), so it is shown relative to its largest cell.
+    """
+    a = np.clip(np.asarray(attention_map, np.float32), 0, None)
+    a = a / a.max() if a.max() > 0 else a
     # Black → red → yellow → white: readable without a colour-map dependency.
     rgb = np.stack([np.clip(3 * a, 0, 1), np.clip(3 * a - 1, 0, 1), np.clip(3 * a - 2, 0, 1)], -1)
     return Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
