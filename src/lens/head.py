@@ -159,6 +159,5 @@ class SegmentationHead(nn.Module):
 
         gh, gw = grid_size
         text_mask = span_mask(text_span, x.shape[1])  # (B, L)
-        scores = text_to_image_attention(probs, image_span, text_mask, gh * gw) * (gh * gw)  # (B, n_image)
-        scores = scores.view(-1, gh, gw)
-        return HeadOutput(hidden_states=x, attention_map=scores / (gh * gw), attention_scores=scores)
+        a_c = text_to_image_attention(probs, image_span, text_mask, gh * gw).view(-1, gh, gw)  # eq. 1
+        return HeadOutput(hidden_states=x, attention_map=a_c, attention_scores=a_c * (gh * gw))

@@ -247,11 +247,11 @@ def pretrain_vision(
     tower = model.model.vision_tower
     train = SyntheticWorld(seed=cfg.world_seed).split("train")
 
-    batches = _loader(_CaptionBatches(train, processor, cfg), cfg)
+    captions = _CaptionBatches(train, processor, cfg)
     head = torch.nn.Linear(cfg.spec.vision_hidden, len(CAPTION_LABELS)).to(device)
     num_patches = (cfg.spec.image_size // cfg.spec.patch_size) ** 2
     with torch.no_grad():  # start from the label frequencies of one batch, not from a coin flip per label
-        prior = _CaptionBatches(train, processor, cfg)[cfg.vision_steps][1].mean(dim=0)  # a batch of its own
+        prior = captions[cfg.vision_steps][1].mean(dim=0)  # a batch of its own, after the run's steps
         prior = prior.clamp(0.5 / cfg.vision_batch, 1 - 0.5 / cfg.vision_batch)
         head.weight.zero_()
         head.bias.copy_(torch.logit(prior) - math.log(num_patches))  # logsumexp of N equal logits adds log N
@@ -261,7 +261,7 @@ def pretrain_vision(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / cfg.vision_steps)))
     )
-    for step, (pixels, targets) in enumerate(tqdm(batches, desc="vision", disable=None)):
+    for step, (pixels, targets) in enumerate(tqdm(_loader(captions, cfg), desc="vision", disable=None)):
         pixels, targets = pixels.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             hidden = tower(pixels, output_hidden_states=True).hidden_states
