@@ -23,7 +23,7 @@ lint:
 ASSETS := src/lens/assets/synthetic
 .PHONY: world
 world: setup
-	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --num-workers 10
+	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --num-workers 10 --skip-kind identify
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --render-workers 6
 	rm -rf runs/synthetic
 	lens train configs/synthetic.yaml --output-dir runs/synthetic --eval-every 4000 --save-every 500 --eval-limit 200 --lr-schedule cosine

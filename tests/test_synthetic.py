@@ -236,7 +236,17 @@ def refer(text: str, objects: list[SceneObject]) -> list[int]:
 def test_vqa_answers_on_hand_made_scene(hand_scene: Scene) -> None:
     qas, objects = hand_scene.vqa(), hand_scene.objects
     kinds = {qa.kind for qa in qas}
-    assert kinds == {"colour", "shape", "size", "count", "exists", "relation", "position", "caption"}
+    assert kinds == {
+        "colour",
+        "shape",
+        "size",
+        "count",
+        "exists",
+        "relation",
+        "position",
+        "caption",
+        "identify",
+    }
     for question, answer, kind in qas:
         if kind in ("colour", "shape", "size", "position"):
             (target,) = described(question)
@@ -274,6 +284,31 @@ def clue_description(text: str) -> tuple[str | None, str | None]:
     colours = [c for c, clues in COLOUR_CLUES.items() if any(p in text for p in clues)]
     assert len(shapes) <= 1 and len(colours) <= 1, text
     return (shapes or [None])[0], (colours or [None])[0]
+
+
+def test_identify_questions_name_the_one_object_their_phrase_means(
+    scenes: list[Scene], hand_scene: Scene
+) -> None:
+    asked = 0
+    for scene in [hand_scene, *scenes[:20]]:
+        objects = scene.objects
+        for question, answer, kind in scene.vqa():
+            if kind != "identify":
+                continue
+            asked += 1
+            phrase = re.fullmatch(r"what is (.+?)( in this image)?\?", question)[1]
+            if re.match(r"the (object|shape|one|thing) that ", phrase):  # a reasoning clue
+                shape, colour = clue_description(phrase)
+                (k,) = [
+                    k
+                    for k, o in enumerate(objects)
+                    if shape in (None, o.shape) and colour in (None, o.colour)
+                ]
+            else:
+                (k,) = refer(phrase, objects)
+            obj = objects[k]
+            assert answer == f"{obj.size} {obj.colour} {obj.shape}", question
+    assert asked >= 100
 
 
 def test_every_query_has_an_unambiguous_target(scenes: list[Scene]) -> None:

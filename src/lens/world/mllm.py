@@ -34,7 +34,7 @@ import typer
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
 
-from lens.assets import asset_root
+from lens.assets import asset_root, resolve_model_id
 from lens.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -82,6 +82,9 @@ class MllmTrainConfig:
     steps: int = 2400
     scenes_per_step: int = 64  # images per batch
     questions_per_scene: int = 16  # short-answer questions sampled per image, plus its caption
+    skip_kinds: tuple[
+        str, ...
+    ] = ()  # question kinds never trained on (the shipped base run skipped "identify")
     lr: float = 2e-3
     vision_lr_scale: float = 0.5  # vision tower and projector learn slower: they arrive pretrained
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -98,6 +101,7 @@ class MllmTrainConfig:
     attn_implementation: str | None = (
         None  # for training only; None: eager on CPU (faster under autocast), sdpa on GPU
     )
+    init_from: str | None = None  # continue from this checkpoint (skips stage 1 and the initialisation)
     eval_scenes: int = 200  # first scenes of the test split used for the final VQA evaluation
     eval_batch_size: int = 64
     log_every: int = 25
@@ -175,13 +179,14 @@ def make_batch(
     parts: PromptParts,
     questions_per_scene: int,
     rng: np.random.Generator,
+    skip_kinds: Collection[str] = (),
 ) -> Batch:
-    """Up to ``questions_per_scene`` random short-answer questions and the caption of every scene."""
+    """Up to ``questions_per_scene`` random short-answer questions (none of ``skip_kinds``) and every caption."""
     short: list[tuple[int, QA]] = []
     captions: list[tuple[int, QA]] = []
     for row, scene in enumerate(scenes):
         qas = scene.vqa()
-        questions = [qa for qa in qas if qa.kind != CAPTION_KIND]
+        questions = [qa for qa in qas if qa.kind != CAPTION_KIND and qa.kind not in skip_kinds]
         chosen = rng.choice(len(questions), size=min(questions_per_scene, len(questions)), replace=False)
         short += [(row, questions[i]) for i in sorted(chosen)]
         captions += [(row, qa) for qa in qas if qa.kind == CAPTION_KIND]
@@ -326,7 +331,8 @@ class _QuestionBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.cfg.seed, 2, step])
         chosen = self.order[step * self.cfg.scenes_per_step : (step + 1) * self.cfg.scenes_per_step]
         scenes = [self.train[int(i)] for i in chosen]
-        return make_batch(scenes, self.processor, self.parts, self.cfg.questions_per_scene, rng)
+        cfg = self.cfg
+        return make_batch(scenes, self.processor, self.parts, cfg.questions_per_scene, rng, cfg.skip_kinds)
 
 
 def _unbatched(item: Any) -> Any:
@@ -450,10 +456,15 @@ def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, Llava
     torch.set_num_threads(cfg.num_threads)
     device = _device()
     rng = np.random.default_rng(cfg.seed)
-    model, processor = build_model(cfg)
+    if cfg.init_from is None:
+        model, processor = build_model(cfg)
+    else:
+        source = resolve_model_id(cfg.init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(source)
     model.set_attn_implementation(cfg.attn_implementation or ("eager" if device.type == "cpu" else "sdpa"))
     model.to(device).train()
-    if cfg.vision_steps:
+    if cfg.vision_steps and cfg.init_from is None:
         pretrain_vision(model, processor, cfg)
     parts = PromptParts.of(processor)
     optimizer = _optimizer(model, cfg)
@@ -518,6 +529,10 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         "config": dataclasses.asdict(cfg),
         "learning_curve": curve,
     }
+    if cfg.init_from is not None:  # keep the history: the run this one continued
+        base = Path(resolve_model_id(cfg.init_from)) / "metrics.json"
+        if base.is_file():
+            metrics["init_from_metrics"] = json.loads(base.read_text())
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("VQA accuracy on %d test questions: %.4f", vqa["num_questions"], vqa["overall"])
     return metrics
@@ -612,6 +627,13 @@ def main(
     eval_scenes: Annotated[
         int, typer.Option(help="test scenes to evaluate on")
     ] = MllmTrainConfig.eval_scenes,
+    init_from: Annotated[
+        str | None, typer.Option(help="continue training this checkpoint (no stage 1, no re-initialisation)")
+    ] = None,
+    skip_kind: Annotated[
+        list[str] | None, typer.Option(help="a question kind not to train on (repeatable)")
+    ] = None,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = MllmTrainConfig.warmup_steps,
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -625,6 +647,9 @@ def main(
         num_threads=num_threads,
         num_workers=num_workers,
         eval_scenes=eval_scenes,
+        init_from=init_from,
+        skip_kinds=tuple(skip_kind or ()),
+        warmup_steps=warmup_steps,
     )
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)

@@ -79,6 +79,9 @@ VQA_TEMPLATES: dict[str, tuple[str, ...]] = {
     "relation": ("is {target} {relation} {anchor}?",),
     "position": ("where is {target}?", "in which part of the image is {target}?"),
     "caption": ("describe the image.", "what does the picture show?"),
+    # Name the object a referring expression or a reasoning clue picks out (answer: "small red ring"), as
+    # LLaVA-1.5's grounded VQA does: the only questions whose answer needs the whole phrase resolved.
+    "identify": ("what is {target} in this image?", "what is {target}?"),
 }
 CAPTION = "{objects} on a {background} background."
 RELATIONAL_REFERRING = "{target} {relation} {anchor}"

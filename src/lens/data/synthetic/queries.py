@@ -136,7 +136,11 @@ def caption(objects: Sequence[SceneObject], background: str) -> str:
 def scene_vqa(
     objects: Sequence[SceneObject], background: str, height: int, width: int, rng: np.random.Generator
 ) -> list[QA]:
-    """Questions with one-word answers (plus a caption) about every object, count, pair and the whole scene."""
+    """Questions with one-word answers about every object, count and pair, a caption, and "identify" questions.
+
+    An identify question names the object a referring expression or a reasoning clue picks out ("what is the
+    thing that has five points?" → "small red star"); its answer is the object's size, colour and shape.
+    """
     gap = RELATION_GAP * min(height, width)
     qas: list[QA] = []
 
@@ -182,6 +186,16 @@ def scene_vqa(
             )
 
     ask("caption", caption(objects, background))
+
+    # Asked last, so the questions above stay what they were before this kind existed.
+    for obj in objects:
+        name = Description.of(obj, ATTRIBUTES).phrase("")
+        groups = [g for g in _referring(obj, objects, gap, frozenset()) if g]
+        if groups:
+            ask("identify", name, target=_pick(rng, _pick(rng, groups)))
+        clued = unique_descriptions(obj, objects, CLUE_SETS)
+        if clued:
+            ask("identify", name, target=_reasoning(_pick(rng, clued), False, rng))
     return qas
 
 
