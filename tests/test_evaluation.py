@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import make_lens
 from lens.cache import CacheKey, build_cache
-from lens.data.loader import QueryDataset
+from lens.data.loader import QueryDataset, SyntheticQueries
 from lens.data.reason_seg import ReasonSegDataset
 from lens.data.synthetic import SyntheticWorld, export_split
 from lens.evaluation import (
@@ -99,6 +99,30 @@ def test_tables_and_per_sample_results_match_the_saved_predictions(lens, export_
     row = next(line for line in md.splitlines() if line.startswith("| LENS |"))
     assert row.split(" | ")[1] == f"{100 * t2['val']['giou']:.1f}"
     assert row.split(" | ")[-1].rstrip(" |") == f"{100 * t2['test_overall']['ciou']:.1f}"
+
+
+def test_synthetic_evaluation_scores_held_out_targets_apart(lens, tmp_path):
+    world = SyntheticWorld(
+        seed=0, height=64, width=80, held_out_pairs=frozenset({("red", "star"), ("blue", "ring")})
+    )
+    reader = SyntheticQueries(world, "test", num_scenes=12)
+    held = [
+        q.target is not None and (q.target.colour, q.target.shape) in world.held_out_pairs for q in reader
+    ]
+    assert 0 < sum(held) < len(held)
+    split = EvalSplit("synthetic", "test", QueryDataset(reader, "synthetic"))
+    results = evaluate(lens, [split], tmp_path, batch_size=8, save_predictions=True)
+    records = [json.loads(line) for line in (tmp_path / PER_SAMPLE_NAME).read_text().splitlines()]
+    assert [r["held_out"] for r in sorted(records, key=lambda r: r["index"])] == held
+    preds = [np.asarray(Image.open(prediction_path(tmp_path, r))) > 0 for r in records if r["held_out"]]
+    truths = [reader[r["index"]].sample.mask for r in records if r["held_out"]]
+    giou, ciou = giou_ciou(preds, truths)
+    found = results["splits"]["synthetic/test"]["held_out"]
+    assert (found["giou"], found["ciou"], found["count"]) == (
+        pytest.approx(giou, abs=1e-12),
+        pytest.approx(ciou, abs=1e-12),
+        sum(held),
+    )
 
 
 def test_resumed_evaluation_skips_done_items_and_gives_identical_results(

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
-META_FIELDS = ("instruction", "query", "name", "source", "is_sentence", "kind", "index", "part")
+META_FIELDS = ("instruction", "query", "name", "source", "is_sentence", "kind", "held_out", "index", "part")
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class CachedDataset:
             image = int(handle.get_slice("row_image")[r : r + 1][0])
             out.append(
                 {
-                    **{k: meta[r][k] for k in META_FIELDS},
+                    **{k: meta[r][k] for k in META_FIELDS if k in meta[r]},  # older caches lack held_out
                     "hidden_states": handle.get_slice("hidden")[t0:t1],  # (L_i, d)
                     "position_ids": handle.get_slice("position_ids")[t0:t1],  # (L_i,)
                     "image_span": handle.get_slice("image_span")[r : r + 1][0],  # (2,)

@@ -55,6 +55,7 @@ REFER_TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (  # the columns of the p
 )
 SYNTHETIC_SPLITS = ("val", "test")
 OVERALL, SHORT, LONG = "overall", "short", "long"
+HELD_OUT = "held_out"  # synthetic queries whose target pair was held out of training
 PERCENT = 100.0  # tables show percentages, JSON keeps fractions
 
 
@@ -200,6 +201,7 @@ def _score(
             "dataset": split.dataset,
             "split": split.split,
             **{k: row[k] for k in ("index", "part", "name", "query", "is_sentence", "kind")},
+            "held_out": bool(row.get("held_out", False)),
             "intersection": intersection,
             "union": union,
             "iou": query_iou(intersection, union),
@@ -298,11 +300,13 @@ def _metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | int]]]:
-    """gIoU / cIoU / count per split label and subset: overall, short / long queries, and per query kind."""
+    """gIoU / cIoU / count per split label and subset: overall, short / long queries, per query kind, and
+    the synthetic world's held-out colour x shape targets (``held_out``)."""
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         subsets = groups.setdefault(f"{r['dataset']}/{r['split']}", {})
         names = [OVERALL, LONG if r["is_sentence"] else SHORT] + ([f"kind:{r['kind']}"] if r["kind"] else [])
+        names += [HELD_OUT] if r.get("held_out") else []  # records written before the flag existed lack it
         for name in names:
             subsets.setdefault(name, []).append(r)
     return {

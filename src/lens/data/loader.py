@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 Row = dict[
     str, Any
-]  # image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, index, part
+]  # image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, held_out, index, part
 SYNTHETIC = "synthetic"
 REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 TRAIN_SPLIT = "train"
@@ -96,6 +96,7 @@ class SyntheticQueries(Sequence[SegQuery]):
 
     def __init__(self, world: SyntheticWorld, split: str, num_scenes: int | None = SYNTHETIC_EVAL_SCENES):
         self.scenes = world.split(split)
+        self.held_out_pairs = world.held_out_pairs  # rows flag targets of these pairs (see QueryDataset.rows)
         n = len(self.scenes) if num_scenes is None else min(num_scenes, len(self.scenes))
         self._items = [(s, k) for s in range(n) for k in range(len(self.scenes[s].segmentation_queries()))]
 
@@ -138,9 +139,11 @@ class QueryDataset(Dataset):
         return self.rows(index)
 
     def rows(self, index: int, epoch: int = 0) -> list[Row]:
+        held_out = getattr(self.reader, "held_out_pairs", frozenset())
         out = []
         for part, drawn in enumerate(_draw(self.reader, index, epoch)):
             sample, kind = (drawn.sample, drawn.kind) if isinstance(drawn, SegQuery) else (drawn, "")
+            target = drawn.target if isinstance(drawn, SegQuery) else None
             rng = random.Random(draw_seed(self.seed, epoch, self.name, index, part)) if self.train else None
             out.append(
                 {
@@ -152,6 +155,8 @@ class QueryDataset(Dataset):
                     "source": sample.source,
                     "is_sentence": sample.is_sentence,
                     "kind": kind,
+                    # the target's colour x shape pair never was a training target (synthetic val / test)
+                    "held_out": target is not None and (target.colour, target.shape) in held_out,
                     "index": index,
                     "part": part,
                 }
