@@ -14,20 +14,22 @@ from lens.data.synthetic import QA, SyntheticWorld, world_vocabulary
 from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.mllm import (
-    CAPTION_KIND,
     DEFAULT_OUT,
-    IGNORE_LABEL,
     MllmTrainConfig,
+    build_model,
+    caption_labels,
+    sincos_positions,
+    train_mllm,
+)
+from lens.world.vqa import (
+    CAPTION_KIND,
+    IGNORE_LABEL,
     PromptParts,
     answer_questions,
     batch_loss,
-    build_model,
-    caption_labels,
     evaluate_vqa,
     exact_match,
     make_batch,
-    sincos_positions,
-    train_mllm,
 )
 
 # The shipped checkpoint answers 110 of the 133 one-word questions of the first SHIPPED_SCENES test scenes
@@ -102,6 +104,10 @@ def test_make_batch_skips_the_kinds_it_is_told_to(tiny, scenes):
     kept = [k for g in skipped.groups for k in g.kinds]
     assert "identify" in kinds and "identify" not in kept
     assert sorted(kept) == sorted(k for k in kinds if k != "identify")
+    no_captions = make_batch(scenes, processor, parts, 100, np.random.default_rng(0), skip_kinds=("caption",))
+    assert sorted(k for g in no_captions.groups for k in g.kinds) == sorted(
+        k for k in kinds if k != "caption"
+    )
 
 
 def test_shared_prefix_loss_equals_full_sequence_loss(tiny, scenes):

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lens.assets import resolve_model_id
 from lens.data.synthetic import SyntheticWorld
-from lens.world.mllm import evaluate_vqa
+from lens.world.vqa import evaluate_vqa
 
 torch.set_num_threads(1)
 source = resolve_model_id(sys.argv[1] if len(sys.argv) > 1 else "lens:synthetic/mllm")
