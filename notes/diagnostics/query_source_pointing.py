@@ -11,7 +11,8 @@ tokens, each with its query from a different source, and reports how often the a
 
 It also probes (linear, held out) how often the mean text feature names the target's colour and shape.
 
-python notes/diagnostics/query_source_pointing.py [MLLM] [LAYER] [TRAIN_SCENES]   # lens:synthetic/mllm 5 1000
+python notes/diagnostics/query_source_pointing.py [MLLM] [LAYER] [TRAIN_SCENES] [PROMPT]
+    # defaults: lens:synthetic/mllm 5 1000 lens; PROMPT "vqa" asks "what is {query} in this image?" instead
 """
 
 import sys
@@ -24,7 +25,9 @@ from lens.data.synthetic import COLOURS, SHAPES, SyntheticWorld
 from lens.data.templates import format_question
 from lens.weights import build_lens
 
-MODEL, LAYER, TRAIN_SCENES = (sys.argv[1:] + ["lens:synthetic/mllm", "5", "1000"][len(sys.argv) - 1 :])[:3]
+MODEL, LAYER, TRAIN_SCENES, PROMPT = (
+    sys.argv[1:] + ["lens:synthetic/mllm", "5", "1000", "lens"][len(sys.argv) - 1 :]
+)[:4]
 MAX_TEXT = 64
 torch.manual_seed(0)
 config = LensConfig.from_yaml("configs/synthetic.yaml")
@@ -32,6 +35,13 @@ config.backbone.model_id, config.backbone.layer = MODEL, int(LAYER)
 backbone = build_lens(config, torch.device("cpu")).backbone
 COLOURS, SHAPES = list(COLOURS), list(SHAPES)
 world = SyntheticWorld(seed=0)
+
+
+def instruction(query: str, is_sentence: bool) -> str:
+    """LENS's segmentation prompt, or (PROMPT "vqa") the identify question the MLLM may have been trained on."""
+    if PROMPT == "lens":
+        return format_question(query, is_sentence, None)
+    return query if is_sentence else f"what is {query} in this image?"
 
 
 def encode(split: str, scenes: int) -> dict[str, torch.Tensor]:
@@ -43,7 +53,7 @@ def encode(split: str, scenes: int) -> dict[str, torch.Tensor]:
         batch = queries[i : i + 64]
         f = backbone.encode(
             [Image.fromarray(q.sample.image) for q in batch],
-            [format_question(q.sample.query, q.sample.is_sentence, None) for q in batch],
+            [instruction(q.sample.query, q.sample.is_sentence) for q in batch],
         )
         rows = torch.arange(len(batch))
         n_image = f.grid_size[0] * f.grid_size[1]
@@ -122,7 +132,9 @@ def text_probe(attribute: str, classes: int) -> float:
     return (probe((xv - mu) / sd).argmax(1) == val[attribute]).float().mean().item()
 
 
-print(f"{MODEL} layer {LAYER}: {len(train['target'])} train / {len(val['target'])} val queries with a target")
+print(
+    f"{MODEL} layer {LAYER}, {PROMPT} prompts: {len(train['target'])} train / {len(val['target'])} val queries with a target"
+)
 print(
     f"  ceiling (val targets with a cell > 0.5 covered): {(val['target'].max(1).values > 0.5).float().mean():.3f}"
 )

@@ -84,9 +84,8 @@ class MllmTrainConfig:
     steps: int = 2400
     scenes_per_step: int = 64  # images per batch
     questions_per_scene: int = 16  # short-answer questions sampled per image, plus its caption
-    skip_kinds: tuple[
-        str, ...
-    ] = ()  # question kinds never trained on (the shipped base run skipped "identify")
+    # Question kinds never trained on (the shipped run skipped "identify").
+    skip_kinds: tuple[str, ...] = ()
     lr: float = 2e-3
     vision_lr_scale: float = 0.5  # vision tower and projector learn slower: they arrive pretrained
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
