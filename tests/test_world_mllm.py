@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from typer.testing import CliRunner
 
 from lens.data.synthetic import QA, SyntheticWorld, world_vocabulary
 from lens.data.synthetic.language import VQA_TEMPLATES
@@ -16,6 +17,7 @@ from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.mllm import (
     DEFAULT_OUT,
     MllmTrainConfig,
+    app,
     build_model,
     caption_labels,
     sincos_positions,
@@ -108,6 +110,14 @@ def test_make_batch_skips_the_kinds_it_is_told_to(tiny, scenes):
     assert sorted(k for g in no_captions.groups for k in g.kinds) == sorted(
         k for k in kinds if k != "caption"
     )
+
+
+def test_unknown_skip_kind_is_a_usage_error(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown question kinds \['identfy'\]"):
+        MllmTrainConfig(skip_kinds=("identfy",))
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--skip-kind", "identfy"])
+    assert result.exit_code == 2 and "identfy" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_shared_prefix_loss_equals_full_sequence_loss(tiny, scenes):

@@ -42,6 +42,7 @@ from lens.data.synthetic import (
     tokenize_words,
     world_vocabulary,
 )
+from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.vqa import (
     CAPTION_KIND,
@@ -107,6 +108,11 @@ class MllmTrainConfig:
     eval_batch_size: int = 64
     log_every: int = 25
     spec: TinyLlavaSpec = field(default_factory=lambda: dataclasses.replace(SHIPPED_SPEC))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skip_kinds) - set(VQA_TEMPLATES))
+        if unknown:
+            raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
 
 
 # What an image-level classifier learns from a caption: each object's "size colour shape" and each attribute word.
@@ -455,20 +461,23 @@ def main(
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = MllmTrainConfig(
-        steps=steps,
-        scenes_per_step=scenes_per_step,
-        lr=lr,
-        vision_steps=vision_steps,
-        vision_batch=vision_batch,
-        seed=seed,
-        num_threads=num_threads,
-        num_workers=num_workers,
-        eval_scenes=eval_scenes,
-        init_from=init_from,
-        skip_kinds=tuple(skip_kind or ()),
-        warmup_steps=warmup_steps,
-    )
+    try:
+        cfg = MllmTrainConfig(
+            steps=steps,
+            scenes_per_step=scenes_per_step,
+            lr=lr,
+            vision_steps=vision_steps,
+            vision_batch=vision_batch,
+            seed=seed,
+            num_threads=num_threads,
+            num_workers=num_workers,
+            eval_scenes=eval_scenes,
+            init_from=init_from,
+            skip_kinds=tuple(skip_kind or ()),
+            warmup_steps=warmup_steps,
+        )
+    except ValueError as error:  # a bad --skip-kind: a usage error, not a traceback
+        raise typer.BadParameter(str(error)) from None
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)
 
