@@ -118,6 +118,9 @@ def test_unknown_skip_kind_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--skip-kind", "identfy"])
     assert result.exit_code == 2 and "identfy" in result.output
     assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--init-from", "lens:synthetic/mlm"])
+    assert result.exit_code == 2 and "synthetic/mlm" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_shared_prefix_loss_equals_full_sequence_loss(tiny, scenes):

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import SamModel, SamProcessor
+from typer.testing import CliRunner
 
 from lens.data.synthetic import Placement, Scene, SyntheticWorld
 from lens.data.synthetic.scene import RING_HOLE
@@ -16,10 +18,12 @@ from lens.world.sam import (
     POSITIVE,
     SamTrainConfig,
     SceneTensors,
+    app,
     build_world_sam,
     centre_point,
     embed_images,
     evaluate_point_miou,
+    load_world_sam,
     mask_boxes,
     pixel_values,
     point_ious,
@@ -156,6 +160,22 @@ def test_short_training_lowers_loss_and_round_trips(tmp_path):
     assert evaluate_point_miou(model, processor, test_scenes) == pytest.approx(metrics["test"]["point_miou"])
     again = train_sam(cfg, tmp_path / "again")
     assert again["final_loss"] == metrics["final_loss"]  # seeded: the same run twice
+    continued = train_sam(replace(cfg, init_from=str(tmp_path), steps=1, lr=1e-9), tmp_path / "continued")
+    assert continued["first_loss"] < 0.8 * metrics["first_loss"]  # starts where the first run ended
+    assert continued["init_from_metrics"]["final_loss"] == metrics["final_loss"]
+    resumed, _ = load_world_sam(str(tmp_path / "continued"))
+    assert not resumed.shared_image_embedding.positional_embedding.requires_grad
+    torch.testing.assert_close(
+        resumed.shared_image_embedding.positional_embedding, fresh.shared_image_embedding.positional_embedding
+    )
+
+
+def test_missing_init_from_is_a_usage_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        SamTrainConfig(init_from=str(tmp_path))
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--init-from", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "nope" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_shipped_checkpoint_segments_from_one_click():

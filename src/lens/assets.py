@@ -24,3 +24,15 @@ def resolve_model_id(model_id: str) -> str:
             "docs/pretraining.md"
         )
     return str(path)
+
+
+def checkpoint_dir(model_id: str) -> Path:
+    """The local checkpoint a training run continues: a ``lens:`` id or a directory holding ``config.json``.
+
+    Checked before any work starts, so a mistyped ``--init-from`` is a one-line error, not a traceback
+    after minutes of rendering scenes.
+    """
+    path = Path(resolve_model_id(model_id))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_id!r} is not a saved checkpoint: no config.json in {path}")
+    return path

@@ -31,7 +31,7 @@ import typer
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from lens.assets import asset_root, resolve_model_id
+from lens.assets import asset_root, checkpoint_dir
 from lens.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -113,6 +113,8 @@ class MllmTrainConfig:
         unknown = sorted(set(self.skip_kinds) - set(VQA_TEMPLATES))
         if unknown:
             raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
+        if self.init_from is not None:
+            checkpoint_dir(self.init_from)
 
 
 # What an image-level classifier learns from a caption: each object's "size colour shape" and each attribute word.
@@ -347,7 +349,7 @@ def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, Llava
     if cfg.init_from is None:
         model, processor = build_model(cfg)
     else:
-        source = resolve_model_id(cfg.init_from)
+        source = checkpoint_dir(cfg.init_from)
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(source)
     model.set_attn_implementation(cfg.attn_implementation or ("eager" if device.type == "cpu" else "sdpa"))
@@ -418,7 +420,7 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         "learning_curve": curve,
     }
     if cfg.init_from is not None:  # keep the history: the run this one continued
-        base = Path(resolve_model_id(cfg.init_from)) / "metrics.json"
+        base = checkpoint_dir(cfg.init_from) / "metrics.json"
         if base.is_file():
             metrics["init_from_metrics"] = json.loads(base.read_text())
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -476,7 +478,7 @@ def main(
             skip_kinds=tuple(skip_kind or ()),
             warmup_steps=warmup_steps,
         )
-    except ValueError as error:  # a bad --skip-kind: a usage error, not a traceback
+    except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind or --init-from: a usage error
         raise typer.BadParameter(str(error)) from None
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)

@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import SamModel, SamProcessor
 
+from lens.assets import checkpoint_dir
 from lens.data.synthetic import Scene, SceneObject, SyntheticWorld
 from lens.tiny import TinySamSpec, build_sam
 
@@ -82,6 +83,11 @@ class SamTrainConfig:
     render_workers: int = 0  # processes rendering the train scenes (0: in the training process)
     device: str | None = None  # None: CUDA if available, else CPU
     log_every: int = 250
+    init_from: str | None = None  # continue this checkpoint (a path or ``lens:`` id) instead of a new model
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None:
+            checkpoint_dir(self.init_from)
 
 
 @dataclass
@@ -164,6 +170,14 @@ def build_world_sam(cfg: SamTrainConfig) -> tuple[SamModel, SamProcessor]:
         frequencies.normal_(0.0, cfg.positional_scale, generator=torch.Generator().manual_seed(cfg.seed))
     frequencies.requires_grad_(False)
     return model, processor
+
+
+def load_world_sam(model_id: str) -> tuple[SamModel, SamProcessor]:
+    """A saved checkpoint to continue training, its positional frequencies frozen as ``build_world_sam`` does."""
+    source = checkpoint_dir(model_id)
+    model = SamModel.from_pretrained(source, local_files_only=True)
+    model.shared_image_embedding.positional_embedding.requires_grad_(False)
+    return model, SamProcessor.from_pretrained(source, local_files_only=True)
 
 
 def centre_point(obj: SceneObject) -> tuple[int, int]:
@@ -345,11 +359,11 @@ def _split_metrics(model: SamModel, processor: SamProcessor, scenes: Sequence[Sc
 
 
 def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = None) -> dict:
-    """Train from scratch, save with ``save_pretrained`` into ``out_dir`` with ``metrics.json``; return metrics."""
+    """Train (from scratch, or on from ``cfg.init_from``), save into ``out_dir`` with ``metrics.json``; return metrics."""
     torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(cfg.seed)
-    model, processor = build_world_sam(cfg)
+    model, processor = build_world_sam(cfg) if cfg.init_from is None else load_world_sam(cfg.init_from)
     model.to(device).train()
     world = SyntheticWorld(seed=cfg.world_seed)
     data = SceneTensors.render(world.split("train")[: cfg.train_scenes], cfg.render_workers)
@@ -398,10 +412,18 @@ def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = No
     for split in ("val", "test") if cfg.eval_scenes else ():
         metrics[split] = _split_metrics(model, processor, world.split(split)[: cfg.eval_scenes])
         logger.info("%s: one centre click mIoU %.4f", split, metrics[split]["point_miou"])
+    if cfg.init_from is not None:  # keep the history: the run this one continued
+        base = checkpoint_dir(cfg.init_from) / "metrics.json"
+        if base.is_file():
+            metrics["init_from_metrics"] = json.loads(base.read_text())
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
 def main(
     out: Annotated[Path, typer.Option(help="directory for the model, processor and metrics.json")],
     steps: int = SamTrainConfig.steps,
@@ -412,21 +434,30 @@ def main(
     warmup_steps: int = SamTrainConfig.warmup_steps,
     seed: int = SamTrainConfig.seed,
     render_workers: int = SamTrainConfig.render_workers,
+    num_threads: int = SamTrainConfig.num_threads,
+    init_from: Annotated[
+        str | None, typer.Option(help="continue training this checkpoint (a directory or lens: id)")
+    ] = None,
 ) -> None:
     """Pretrain the synthetic world's small SAM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = SamTrainConfig(
-        steps=steps,
-        batch_images=batch_images,
-        train_scenes=train_scenes,
-        eval_scenes=eval_scenes,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        render_workers=render_workers,
-    )
+    try:
+        cfg = SamTrainConfig(
+            steps=steps,
+            batch_images=batch_images,
+            train_scenes=train_scenes,
+            eval_scenes=eval_scenes,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            render_workers=render_workers,
+            num_threads=num_threads,
+            init_from=init_from,
+        )
+    except FileNotFoundError as error:  # a bad --init-from: a usage error, not a traceback
+        raise typer.BadParameter(str(error)) from None
     train_sam(cfg, out, command=shlex.join(["python", "-m", "lens.world.sam", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()
