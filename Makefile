@@ -19,12 +19,15 @@ lint:
 	$(PYTHON) -m ruff format --check src tests benchmarks
 
 # Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers: the MLLM and
-# SAM were trained on a GPU, the head on CPU; each command uses a GPU when there is one).
+# SAM's first run were trained on a GPU, SAM's continuation and the head on CPU; each command uses a GPU when
+# there is one).
 ASSETS := src/lens/assets/synthetic
 .PHONY: world
 world: setup
 	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --num-workers 10 --skip-kind identify
-	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --render-workers 6
+	$(PYTHON) -m lens.world.sam --out runs/sam-base --render-workers 6
+	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
+		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2
 	rm -rf runs/synthetic
 	lens train configs/synthetic.yaml --output-dir runs/synthetic --eval-every 4000 --save-every 500 --eval-limit 200 --lr-schedule cosine
 	rm -rf $(ASSETS)/lens && cp -r runs/synthetic/model $(ASSETS)/lens
