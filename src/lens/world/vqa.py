@@ -10,6 +10,7 @@ match, by question kind.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
 
 from lens.data.synthetic import QA, Scene, tokenize_words
+
+# transformers 5.24 renamed the key/value cache argument and output field `past_key_values` to `cache` (the old
+# name is deprecated, to go in 5.40); use whichever the installed version has.
+CACHE_NAME = (
+    "cache"
+    if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    else "past_key_values"
+)
 
 CAPTION_KIND = "caption"
 IGNORE_LABEL = -100  # positions the loss skips (prompt and padding)
@@ -122,7 +131,7 @@ def batch_loss(
     model: LlavaForConditionalGeneration, batch: Batch
 ) -> tuple[torch.Tensor, list[tuple[str, bool]]]:
     """Mean cross-entropy over answer tokens, and (kind, all answer tokens right) per question (teacher forced)."""
-    prefix = model(**batch.prefix, use_cache=True, logits_to_keep=1).past_key_values
+    prefix = getattr(model(**batch.prefix, use_cache=True, logits_to_keep=1), CACHE_NAME)
     prefix_mask = batch.prefix["attention_mask"]  # (B, P)
     total, count, results = 0.0, 0, []
     for group in batch.groups:
@@ -130,7 +139,7 @@ def batch_loss(
         for index, layer in enumerate(prefix.layers):  # each question gets its own image's keys and values
             cache.update(layer.keys[group.rows], layer.values[group.rows], index)
         mask = torch.cat([prefix_mask[group.rows], group.attention_mask], dim=1)  # (R, P + L)
-        logits = model(input_ids=group.input_ids, past_key_values=cache, attention_mask=mask).logits
+        logits = model(input_ids=group.input_ids, attention_mask=mask, **{CACHE_NAME: cache}).logits
         logits, targets = logits[:, :-1].float(), group.labels[:, 1:]  # (R, L - 1, V): token t predicts t + 1
         total = total + torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_LABEL, reduction="sum"
