@@ -52,6 +52,7 @@ TINY = MllmTrainConfig(
     warmup_steps=2,
     log_every=4,
     eval_scenes=1,
+    skip_kinds=("identify",),
     spec=TinyLlavaSpec(),
 )
 
@@ -184,6 +185,9 @@ def test_train_lowers_loss_saves_and_reloads(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_test"] == metrics["vqa_test"] and saved["command"] == "test"
     assert 0.0 <= metrics["vqa_test"]["overall"] <= 1.0 and metrics["vqa_test"]["num_scenes"] == 1
+    # overall is over the kinds it trained on; the skipped kind is scored on its own
+    assert "identify" not in metrics["vqa_test"]["by_kind"] and "caption" in metrics["vqa_test"]["by_kind"]
+    assert list(metrics["vqa_test_skipped_kinds"]["by_kind"]) == ["identify"]
 
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)

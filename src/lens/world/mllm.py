@@ -407,7 +407,9 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
     processor = AutoProcessor.from_pretrained(out_dir)
     start = time.perf_counter()
     test = SyntheticWorld(seed=cfg.world_seed).split("test")[: cfg.eval_scenes]
-    vqa = evaluate_vqa(model, processor, test, batch_size=cfg.eval_batch_size)
+    # "overall" covers the kinds the model was trained on; kinds it skipped are scored apart, not mixed in.
+    trained_kinds = [kind for kind in VQA_TEMPLATES if kind not in cfg.skip_kinds]
+    vqa = evaluate_vqa(model, processor, test, batch_size=cfg.eval_batch_size, kinds=trained_kinds)
     metrics = {
         "vqa_test": vqa,
         "train_seconds": round(train_seconds, 1),
@@ -419,6 +421,10 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         "config": dataclasses.asdict(cfg),
         "learning_curve": curve,
     }
+    if cfg.skip_kinds:
+        metrics["vqa_test_skipped_kinds"] = evaluate_vqa(
+            model, processor, test, batch_size=cfg.eval_batch_size, kinds=cfg.skip_kinds
+        )
     if cfg.init_from is not None:  # keep the history: the run this one continued
         base = checkpoint_dir(cfg.init_from) / "metrics.json"
         if base.is_file():
