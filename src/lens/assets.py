@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 from pathlib import Path
 
@@ -36,3 +37,9 @@ def checkpoint_dir(model_id: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_id!r} is not a saved checkpoint: no config.json in {path}")
     return path
+
+
+def checkpoint_metrics(model_id: str) -> dict | None:
+    """The ``metrics.json`` a training run wrote beside its checkpoint (a continued run keeps it), if there is one."""
+    path = checkpoint_dir(model_id) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None

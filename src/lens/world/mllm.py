@@ -31,7 +31,7 @@ import typer
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from lens.assets import asset_root, checkpoint_dir
+from lens.assets import asset_root, checkpoint_dir, checkpoint_metrics
 from lens.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -426,9 +426,7 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
             model, processor, test, batch_size=cfg.eval_batch_size, kinds=cfg.skip_kinds
         )
     if cfg.init_from is not None:  # keep the history: the run this one continued
-        base = checkpoint_dir(cfg.init_from) / "metrics.json"
-        if base.is_file():
-            metrics["init_from_metrics"] = json.loads(base.read_text())
+        metrics["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("VQA accuracy on %d test questions: %.4f", vqa["num_questions"], vqa["overall"])
     return metrics

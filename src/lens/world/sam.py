@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import SamModel, SamProcessor
 
-from lens.assets import checkpoint_dir
+from lens.assets import checkpoint_dir, checkpoint_metrics
 from lens.data.synthetic import Scene, SceneObject, SyntheticWorld
 from lens.tiny import TinySamSpec, build_sam
 
@@ -413,9 +413,7 @@ def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = No
         metrics[split] = _split_metrics(model, processor, world.split(split)[: cfg.eval_scenes])
         logger.info("%s: one centre click mIoU %.4f", split, metrics[split]["point_miou"])
     if cfg.init_from is not None:  # keep the history: the run this one continued
-        base = checkpoint_dir(cfg.init_from) / "metrics.json"
-        if base.is_file():
-            metrics["init_from_metrics"] = json.loads(base.read_text())
+        metrics["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
