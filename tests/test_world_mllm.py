@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -16,10 +17,12 @@ from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.mllm import (
     DEFAULT_OUT,
+    SNAPSHOT_DIR,
     MllmTrainConfig,
     app,
     build_model,
     caption_labels,
+    pretrain,
     sincos_positions,
     train_mllm,
 )
@@ -206,6 +209,26 @@ def test_train_lowers_loss_saves_and_reloads(tmp_path, monkeypatch):
         after, _ = batch_loss(model, batch)
     assert before > math.log(len(processor.tokenizer)) - 1  # untrained: close to uniform over the vocabulary
     assert after < before - 1.0
+
+
+def test_snapshots_leave_a_continuable_checkpoint_until_the_run_ends(tmp_path):
+    """A run stopped early keeps the weights of its last snapshot; a finished run leaves only its checkpoint."""
+    cfg = dataclasses.replace(TINY, vision_steps=0, save_every=4, steps=10)
+    model, _, curve = pretrain(cfg, tmp_path)
+    snapshot = tmp_path / SNAPSHOT_DIR
+    progress = json.loads((snapshot / "snapshot.json").read_text())
+    assert progress["step"] == 8 and progress["config"]["steps"] == 10  # 4 replaced by 8; 10 is the end
+    assert progress["learning_curve"] == curve[:2]  # logged at steps 4 and 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SNAPSHOT_DIR]  # no staging left behind
+    saved = LlavaForConditionalGeneration.from_pretrained(snapshot)
+    assert AutoProcessor.from_pretrained(snapshot).tokenizer("a red ring").input_ids
+    changed = [name for name, p in saved.state_dict().items() if not torch.equal(p, model.state_dict()[name])]
+    assert changed  # two more steps moved the weights past the snapshot
+    continued = train_mllm(dataclasses.replace(TINY, init_from=str(snapshot), steps=2), tmp_path / "next")
+    assert continued["vqa_test"]["num_scenes"] == 1
+
+    train_mllm(cfg, tmp_path / "done")
+    assert not (tmp_path / "done" / SNAPSHOT_DIR).exists()  # the finished weights supersede it
 
 
 def test_batched_answers_equal_one_at_a_time(tiny, scenes):

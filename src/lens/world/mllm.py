@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -71,6 +72,7 @@ SHIPPED_SPEC = TinyLlavaSpec(
     max_positions=256,
 )
 DEFAULT_OUT = asset_root() / "synthetic" / "mllm"  # what "lens:synthetic/mllm" resolves to
+SNAPSHOT_DIR = "snapshot"  # under the output directory, while a run with ``save_every`` is going
 
 
 @dataclass
@@ -107,6 +109,9 @@ class MllmTrainConfig:
     eval_scenes: int = 200  # first scenes of the test split used for the final VQA evaluation
     eval_batch_size: int = 64
     log_every: int = 25
+    # Steps between snapshots of the weights to ``<out>/snapshot`` (0: none). A run stopped early (a CPU session
+    # ending) leaves a checkpoint that ``init_from`` continues.
+    save_every: int = 0
     spec: TinyLlavaSpec = field(default_factory=lambda: dataclasses.replace(SHIPPED_SPEC))
 
     def __post_init__(self) -> None:
@@ -337,11 +342,41 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, list[dict]]:
+def save_snapshot(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    out_dir: Path,
+    step: int,
+    cfg: MllmTrainConfig,
+    curve: list[dict],
+) -> Path:
+    """Write the weights reached at ``step`` to ``out_dir/snapshot``, replacing the previous snapshot.
+
+    The new one is written beside the old and swapped in by renames, so a run killed at any moment leaves a
+    complete snapshot (``snapshot.json`` says its step, configuration and learning curve so far).
+    """
+    final, staging, old = (out_dir / f"{SNAPSHOT_DIR}{suffix}" for suffix in ("", ".tmp", ".old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    processor.save_pretrained(staging)
+    progress = {"step": step, "config": dataclasses.asdict(cfg), "learning_curve": curve}
+    (staging / "snapshot.json").write_text(json.dumps(progress, indent=2) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def pretrain(
+    cfg: MllmTrainConfig, out_dir: Path | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, list[dict]]:
     """Train a freshly initialised model; returns it (in eval mode, on CPU), its processor and the learning curve.
 
     Each curve point holds the mean loss and the teacher-forced accuracy per question kind over the last
-    ``log_every`` steps. Scenes are seen once, so accuracy before each update is held-out accuracy.
+    ``log_every`` steps. Scenes are seen once, so accuracy before each update is held-out accuracy. With
+    ``cfg.save_every`` and an ``out_dir``, the weights are also saved every that many steps (``save_snapshot``).
     """
     torch.set_num_threads(cfg.num_threads)
     device = _device()
@@ -384,6 +419,10 @@ def pretrain(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, Llava
             curve.append(point)
             logger.info("step %d loss %.4f accuracy %s", point["step"], point["loss"], point["accuracy"])
             window = []
+        # The last step needs no snapshot: the finished model is saved in its place.
+        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps
+        if out_dir is not None and due:
+            save_snapshot(model, processor, out_dir, step + 1, cfg, curve)
     model.set_attn_implementation("sdpa")  # what from_pretrained picks too
     return model.eval().to("cpu"), processor, curve
 
@@ -395,10 +434,11 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
     """
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    model, processor, curve = pretrain(cfg)
+    model, processor, curve = pretrain(cfg, out_dir)
     train_seconds = time.perf_counter() - start
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / SNAPSHOT_DIR, ignore_errors=True)  # the finished weights supersede it
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     # Evaluate what was written, loaded the way every user of the checkpoint loads it.
@@ -464,6 +504,9 @@ def main(
         list[str] | None, typer.Option(help="a question kind not to train on (repeatable)")
     ] = None,
     warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = MllmTrainConfig.warmup_steps,
+    save_every: Annotated[
+        int, typer.Option(help="steps between weight snapshots to OUT/snapshot (0: none)")
+    ] = MllmTrainConfig.save_every,
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -481,6 +524,7 @@ def main(
             init_from=init_from,
             skip_kinds=tuple(skip_kind or ()),
             warmup_steps=warmup_steps,
+            save_every=save_every,
         )
     except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind or --init-from: a usage error
         raise typer.BadParameter(str(error)) from None
