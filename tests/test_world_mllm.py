@@ -21,11 +21,10 @@ from lens.world.mllm import (
     MllmTrainConfig,
     app,
     build_model,
-    caption_labels,
     pretrain,
-    sincos_positions,
     train_mllm,
 )
+from lens.world.vision import caption_labels, sincos_positions
 from lens.world.vqa import (
     CAPTION_KIND,
     IGNORE_LABEL,

@@ -219,3 +219,21 @@ def evaluate_vqa(
         "questions_by_kind": {kind: sum(k == kind for k, _ in results) for kind in by_kind},
         "num_scenes": len(scenes),
     }
+
+
+def step_loader(dataset: torch.utils.data.Dataset, num_workers: int) -> torch.utils.data.DataLoader:
+    """A training run's batches in step order (item ``s`` is step ``s``'s whole batch); with ``num_workers`` > 0,
+    worker processes build the next batches while the model trains."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_unbatched,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def _unbatched(item: Any) -> Any:
+    return item
