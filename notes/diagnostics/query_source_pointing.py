@@ -2,7 +2,8 @@
 
 Encodes train/val queries with the frozen MLLM (layer k), then trains three small pointers on the same image
 tokens, each with its query from a different source, and reports how often the argmax cell lies on the target
-(coverage > 0.5), on val queries with a target:
+(coverage > 0.5), on val queries with a target, overall and by how the query picks its target (attributes,
+relation, extreme, reasoning clue):
 
 - oracle:   the target's true colour and shape (learned embeddings): what the image tokens allow;
 - mean:     a linear map of the mean of the text tokens' features: one query from the whole prompt;
@@ -15,6 +16,7 @@ python notes/diagnostics/query_source_pointing.py [MLLM] [LAYER] [TRAIN_SCENES] 
     # defaults: lens:synthetic/mllm 5 1000 lens; PROMPT "vqa" asks "what is {query} in this image?" instead
 """
 
+import re
 import sys
 
 import torch
@@ -44,11 +46,24 @@ def instruction(query: str, is_sentence: bool) -> str:
     return query if is_sentence else f"what is {query} in this image?"
 
 
+PHRASES = ("attributes", "relation", "extreme", "clue")
+
+
+def phrase_kind(kind: str, query: str) -> str:
+    """How a query picks its target: by its attributes, a relation to another object, an extreme, or a clue."""
+    if kind != "referring":
+        return "clue"
+    if re.search(r"\b(left of|right of|above|below)\b", query):
+        return "relation"
+    return "extreme" if "most " in query else "attributes"
+
+
 def encode(split: str, scenes: int) -> dict[str, torch.Tensor]:
     queries = [
         q for s in world.split(split)[:scenes] for q in s.segmentation_queries() if q.kind != "no_target"
     ]
     out: dict[str, list] = {"image": [], "text": [], "text_mask": [], "target": [], "colour": [], "shape": []}
+    out["phrase"] = [PHRASES.index(phrase_kind(q.kind, q.sample.query)) for q in queries]
     for i in range(0, len(queries), 64):
         batch = queries[i : i + 64]
         f = backbone.encode(
@@ -72,7 +87,10 @@ def encode(split: str, scenes: int) -> dict[str, torch.Tensor]:
         )
         out["colour"].append(torch.tensor([COLOURS.index(q.target.colour) for q in batch]))
         out["shape"].append(torch.tensor([SHAPES.index(q.target.shape) for q in batch]))
-    return {k: torch.cat(v).float() if k in ("image", "text") else torch.cat(v) for k, v in out.items()}
+    phrase = torch.tensor(out.pop("phrase"))
+    return {"phrase": phrase} | {
+        k: torch.cat(v).float() if k in ("image", "text") else torch.cat(v) for k, v in out.items()
+    }
 
 
 train, val = encode("train", int(TRAIN_SCENES)), encode("val", 60)
@@ -84,7 +102,7 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
 
 
-def pointer(source: str) -> float:
+def pointer(source: str) -> torch.Tensor:
     d = train["image"].shape[-1]
     keys = torch.nn.Linear(d, 64)
     parts = torch.nn.ModuleList(
@@ -114,7 +132,7 @@ def pointer(source: str) -> float:
         opt.step()
     with torch.no_grad():
         best = distribution(val, torch.arange(len(val["target"]))).argmax(1)
-    return (val["target"][torch.arange(len(best)), best] > 0.5).float().mean().item()
+    return (val["target"][torch.arange(len(best)), best] > 0.5).float()  # (val queries,) 1 where on target
 
 
 def text_probe(attribute: str, classes: int) -> float:
@@ -138,8 +156,12 @@ print(
 print(
     f"  ceiling (val targets with a cell > 0.5 covered): {(val['target'].max(1).values > 0.5).float().mean():.3f}"
 )
+counts = ", ".join(f"{name} {(val['phrase'] == i).sum()}" for i, name in enumerate(PHRASES))
+print(f"  val queries by phrase kind: {counts}")
 for source in ("oracle", "mean", "eq1"):
-    print(f"  pointing, query from {source}: {pointer(source):.3f}", flush=True)
+    hits = pointer(source)
+    by_kind = " / ".join(f"{hits[val['phrase'] == i].mean():.3f}" for i in range(len(PHRASES)))
+    print(f"  pointing, query from {source}: {hits.mean():.3f} ({'/'.join(PHRASES)}: {by_kind})", flush=True)
 print(
     f"  mean text feature -> target colour {text_probe('colour', len(COLOURS)):.3f}, "
     f"shape {text_probe('shape', len(SHAPES)):.3f} (chance {1 / len(COLOURS):.3f} / {1 / len(SHAPES):.3f})"
