@@ -18,13 +18,15 @@ lint:
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
 
-# Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers: the MLLM and
-# SAM's first run were trained on a GPU, SAM's continuation and the head on CPU; each command uses a GPU when
-# there is one).
+# Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers: the first runs
+# of the MLLM and SAM were trained on a GPU, their continuations and the head on CPU; each command uses a GPU
+# when there is one).
 ASSETS := src/lens/assets/synthetic
 .PHONY: world
 world: setup
-	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --num-workers 10 --skip-kind identify
+	$(PYTHON) -m lens.world.mllm --out runs/mllm-base --num-workers 10 --skip-kind identify
+	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --init-from runs/mllm-base --steps 1500 --scenes-per-step 32 \
+		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 3 --save-every 100
 	$(PYTHON) -m lens.world.sam --out runs/sam-base --render-workers 6
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
 		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2

@@ -8,7 +8,9 @@ Training has two stages: the vision tower alone learns what captions name (``len
 model learns to answer with the LM loss on answer tokens (batches, shared-prefix loss and scoring are in
 ``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead.
 
-    python -m lens.world.mllm --out src/lens/assets/synthetic/mllm --skip-kind identify   # the shipped run
+    python -m lens.world.mllm --out runs/mllm-base --skip-kind identify           # run 1 of the shipped model
+    python -m lens.world.mllm --out src/lens/assets/synthetic/mllm --init-from runs/mllm-base --steps 1500 ...
+    # run 2, on every kind: the whole command is in docs/pretraining.md
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ SNAPSHOT_DIR = "snapshot"  # under the output directory, while a run with ``save
 
 @dataclass
 class MllmTrainConfig:
-    """Every setting of a pretraining run; the defaults with ``skip_kinds=("identify",)`` made the shipped one."""
+    """Every setting of a pretraining run; the defaults with ``skip_kinds=("identify",)`` made run 1 of the shipped one."""
 
     # Stage 1: the vision tower alone learns which objects a caption names (see ``pretrain_vision``).
     vision_steps: int = 1200
@@ -83,7 +85,7 @@ class MllmTrainConfig:
     steps: int = 2400
     scenes_per_step: int = 64  # images per batch
     questions_per_scene: int = 16  # short-answer questions sampled per image, plus its caption
-    # Question kinds never trained on (the shipped run skipped "identify").
+    # Question kinds never trained on (run 1 of the shipped model skipped "identify").
     skip_kinds: tuple[str, ...] = ()
     lr: float = 2e-3
     vision_lr_scale: float = 0.5  # vision tower and projector learn slower: they arrive pretrained
