@@ -226,6 +226,13 @@ def test_snapshots_leave_a_continuable_checkpoint_until_the_run_ends(tmp_path):
     assert changed  # two more steps moved the weights past the snapshot
     continued = train_mllm(dataclasses.replace(TINY, init_from=str(snapshot), steps=2), tmp_path / "next")
     assert continued["vqa_test"]["num_scenes"] == 1
+    assert continued["init_from_metrics"] == progress  # continuing a snapshot keeps its history
+
+    # A snapshot of a continued run keeps the metrics of the run it continued.
+    again = dataclasses.replace(TINY, init_from=str(tmp_path / "next"), vision_steps=0, save_every=2, steps=3)
+    pretrain(again, tmp_path / "again")
+    kept = json.loads((tmp_path / "again" / SNAPSHOT_DIR / "snapshot.json").read_text())
+    assert kept["init_from_metrics"]["init_from_metrics"] == progress
 
     train_mllm(cfg, tmp_path / "done")
     assert not (tmp_path / "done" / SNAPSHOT_DIR).exists()  # the finished weights supersede it

@@ -40,6 +40,13 @@ def checkpoint_dir(model_id: str) -> Path:
 
 
 def checkpoint_metrics(model_id: str) -> dict | None:
-    """The ``metrics.json`` a training run wrote beside its checkpoint (a continued run keeps it), if there is one."""
-    path = checkpoint_dir(model_id) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The ``metrics.json`` a training run wrote beside its checkpoint (a continued run keeps it), if there is one.
+
+    A snapshot of a run still going (or stopped) has none; its ``snapshot.json`` (step, configuration, learning
+    curve so far) stands in for it.
+    """
+    directory = checkpoint_dir(model_id)
+    for name in ("metrics.json", "snapshot.json"):
+        if (directory / name).is_file():
+            return json.loads((directory / name).read_text())
+    return None

@@ -214,13 +214,16 @@ def save_snapshot(
     """Write the weights reached at ``step`` to ``out_dir/snapshot``, replacing the previous snapshot.
 
     The new one is written beside the old and swapped in by renames, so a run killed at any moment leaves a
-    complete snapshot (``snapshot.json`` says its step, configuration and learning curve so far).
+    complete snapshot (``snapshot.json`` says its step, configuration and learning curve so far, and keeps the
+    metrics of the run this one continued, so a run continued from the snapshot keeps the whole history).
     """
     final, staging, old = (out_dir / f"{SNAPSHOT_DIR}{suffix}" for suffix in ("", ".tmp", ".old"))
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     processor.save_pretrained(staging)
     progress = {"step": step, "config": dataclasses.asdict(cfg), "learning_curve": curve}
+    if cfg.init_from is not None:
+        progress["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
     (staging / "snapshot.json").write_text(json.dumps(progress, indent=2) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
