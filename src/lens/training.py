@@ -50,8 +50,9 @@ from lens.data.loader import (
     train_ratios,
 )
 from lens.data.mixing import MixtureSampler
-from lens.evaluation import REASON_SEG, EvalSplit, evaluate
+from lens.evaluation import EvalSplit, evaluate
 from lens.model import TRAINABLE_PREFIXES, LensModel
+from lens.reporting import REASON_SEG
 from lens.weights import build_lens, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
