@@ -238,6 +238,19 @@ def test_snapshots_leave_a_continuable_checkpoint_until_the_run_ends(tmp_path):
     assert not (tmp_path / "done" / SNAPSHOT_DIR).exists()  # the finished weights supersede it
 
 
+def test_stop_after_reproduces_the_snapshot_of_a_cut_run(tmp_path):
+    """``stop_after`` ends a longer schedule early: its weights are those the full run's snapshot had then."""
+    cfg = dataclasses.replace(TINY, vision_steps=0, save_every=4, steps=10)
+    pretrain(cfg, tmp_path)
+    snapshot = LlavaForConditionalGeneration.from_pretrained(tmp_path / SNAPSHOT_DIR).state_dict()
+    stopped, _, curve = pretrain(dataclasses.replace(cfg, save_every=0, stop_after=8))
+    assert [point["step"] for point in curve] == [4, 8]
+    for name, weight in stopped.state_dict().items():
+        torch.testing.assert_close(weight, snapshot[name], msg=name)
+    with pytest.raises(ValueError, match="stop_after"):
+        dataclasses.replace(cfg, stop_after=11)
+
+
 def test_batched_answers_equal_one_at_a_time(tiny, scenes):
     """Left padding in batched generation must not change any answer."""
     model, processor = tiny

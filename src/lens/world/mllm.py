@@ -110,6 +110,9 @@ class MllmTrainConfig:
     # Steps between snapshots of the weights to ``<out>/snapshot`` (0: none). A run stopped early (a CPU session
     # ending) leaves a checkpoint that ``init_from`` continues.
     save_every: int = 0
+    # End the run after this many steps of a ``steps``-long schedule (None: all of it), saving and evaluating as
+    # a finished run does: how a run cut short by a session's end is reproduced from one command.
+    stop_after: int | None = None
     spec: TinyLlavaSpec = field(default_factory=lambda: dataclasses.replace(SHIPPED_SPEC))
 
     def __post_init__(self) -> None:
@@ -118,6 +121,13 @@ class MllmTrainConfig:
             raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
         if self.init_from is not None:
             checkpoint_dir(self.init_from)
+        if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
+            raise ValueError(f"stop_after must be in 1..steps ({self.steps}), got {self.stop_after}")
+
+    @property
+    def last_step(self) -> int:
+        """Number of steps the run takes (its schedule may be longer: ``stop_after``)."""
+        return self.stop_after or self.steps
 
 
 class _QuestionBatches(torch.utils.data.Dataset):
@@ -134,7 +144,7 @@ class _QuestionBatches(torch.utils.data.Dataset):
         self.train, self.order, self.processor, self.parts, self.cfg = train, order, processor, parts, cfg
 
     def __len__(self) -> int:
-        return self.cfg.steps
+        return self.cfg.last_step
 
     def __getitem__(self, step: int) -> Batch:
         rng = np.random.default_rng([self.cfg.seed, 2, step])
@@ -260,7 +270,7 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
     train = SyntheticWorld(seed=cfg.world_seed).split("train")
     order = _scene_order(len(train), cfg.steps, cfg.scenes_per_step, rng)
-    logger.info("training %.2fM parameters for %d steps on %s", _millions(model), cfg.steps, device)
+    logger.info("training %.2fM parameters for %d steps on %s", _millions(model), cfg.last_step, device)
 
     window, curve = [], []
     batches = step_loader(_QuestionBatches(train, order, processor, parts, cfg), cfg.num_workers)
@@ -274,7 +284,7 @@ def pretrain(
         optimizer.step()
         schedule.step()
         window.append((loss.item(), results))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.last_step:
             point = {
                 "step": step + 1,
                 "loss": float(np.mean([w[0] for w in window])),
@@ -284,7 +294,7 @@ def pretrain(
             logger.info("step %d loss %.4f accuracy %s", point["step"], point["loss"], point["accuracy"])
             window = []
         # The last step needs no snapshot: the finished model is saved in its place.
-        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps
+        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.last_step
         if out_dir is not None and due:
             save_snapshot(model, processor, out_dir, step + 1, cfg, curve)
     model.set_attn_implementation("sdpa")  # what from_pretrained picks too
@@ -371,6 +381,9 @@ def main(
     save_every: Annotated[
         int, typer.Option(help="steps between weight snapshots to OUT/snapshot (0: none)")
     ] = MllmTrainConfig.save_every,
+    stop_after: Annotated[
+        int | None, typer.Option(help="end after this many steps of the --steps schedule (saved, evaluated)")
+    ] = None,
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -389,6 +402,7 @@ def main(
             skip_kinds=tuple(skip_kind or ()),
             warmup_steps=warmup_steps,
             save_every=save_every,
+            stop_after=stop_after,
         )
     except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind or --init-from: a usage error
         raise typer.BadParameter(str(error)) from None
