@@ -27,8 +27,12 @@ world: setup
 	$(PYTHON) -m lens.world.mllm --out runs/mllm-base --num-workers 10 --skip-kind identify
 	$(PYTHON) -m lens.world.mllm --out runs/mllm-run2 --init-from runs/mllm-base --steps 1500 --scenes-per-step 32 \
 		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 3 --save-every 100
-	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --init-from runs/mllm-run2 --steps 1300 --scenes-per-step 32 \
+	$(PYTHON) -m lens.world.mllm --out runs/mllm-run3 --init-from runs/mllm-run2 --steps 1300 --scenes-per-step 32 \
 		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 4 --save-every 100
+	$(PYTHON) -m lens.world.mllm --out runs/mllm-run4a --init-from runs/mllm-run3 --steps 1300 --stop-after 700 \
+		--scenes-per-step 32 --num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 5 --save-every 100
+	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --init-from runs/mllm-run4a --steps 1000 --scenes-per-step 32 \
+		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 6 --save-every 100
 	$(PYTHON) -m lens.world.sam --out runs/sam-base --render-workers 6
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
 		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2
