@@ -17,13 +17,13 @@ from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.mllm import (
     DEFAULT_OUT,
-    SNAPSHOT_DIR,
     MllmTrainConfig,
     app,
     build_model,
     pretrain,
     train_mllm,
 )
+from lens.world.snapshots import SNAPSHOT_DIR
 from lens.world.vision import caption_labels, sincos_positions
 from lens.world.vqa import (
     CAPTION_KIND,

@@ -9,8 +9,8 @@ model learns to answer with the LM loss on answer tokens (batches, shared-prefix
 ``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead.
 
     python -m lens.world.mllm --out runs/mllm-base --skip-kind identify           # run 1 of the shipped model
-    python -m lens.world.mllm --out src/lens/assets/synthetic/mllm --init-from runs/mllm-base --steps 1500 ...
-    # run 2, on every kind: the whole command is in docs/pretraining.md
+    python -m lens.world.mllm --out runs/mllm-run2 --init-from runs/mllm-base --steps 1500 ...
+    # runs 2-4, each continuing the last on every kind: the whole commands are in docs/pretraining.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from lens.data.synthetic import (
 )
 from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava
+from lens.world.snapshots import remove_snapshot, save_snapshot
 from lens.world.vision import init_vision_positions, pretrain_vision
 from lens.world.vqa import (
     Batch,
@@ -70,7 +70,6 @@ SHIPPED_SPEC = TinyLlavaSpec(
     max_positions=256,
 )
 DEFAULT_OUT = asset_root() / "synthetic" / "mllm"  # what "lens:synthetic/mllm" resolves to
-SNAPSHOT_DIR = "snapshot"  # under the output directory, while a run with ``save_every`` is going
 
 
 @dataclass
@@ -213,7 +212,7 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def save_snapshot(
+def _snapshot(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     out_dir: Path,
@@ -221,26 +220,12 @@ def save_snapshot(
     cfg: MllmTrainConfig,
     curve: list[dict],
 ) -> Path:
-    """Write the weights reached at ``step`` to ``out_dir/snapshot``, replacing the previous snapshot.
-
-    The new one is written beside the old and swapped in by renames, so a run killed at any moment leaves a
-    complete snapshot (``snapshot.json`` says its step, configuration and learning curve so far, and keeps the
-    metrics of the run this one continued, so a run continued from the snapshot keeps the whole history).
-    """
-    final, staging, old = (out_dir / f"{SNAPSHOT_DIR}{suffix}" for suffix in ("", ".tmp", ".old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
+    """Snapshot the weights at ``step`` with the run so far; the metrics of the run this one continued come along,
+    so a run continued from the snapshot keeps the whole history."""
     progress = {"step": step, "config": dataclasses.asdict(cfg), "learning_curve": curve}
     if cfg.init_from is not None:
         progress["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
-    (staging / "snapshot.json").write_text(json.dumps(progress, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return save_snapshot(model, processor, out_dir, progress)
 
 
 def pretrain(
@@ -250,7 +235,7 @@ def pretrain(
 
     Each curve point holds the mean loss and the teacher-forced accuracy per question kind over the last
     ``log_every`` steps. Scenes are seen once, so accuracy before each update is held-out accuracy. With
-    ``cfg.save_every`` and an ``out_dir``, the weights are also saved every that many steps (``save_snapshot``).
+    ``cfg.save_every`` and an ``out_dir``, the weights are also saved every that many steps (``_snapshot``).
     """
     torch.set_num_threads(cfg.num_threads)
     device = _device()
@@ -296,7 +281,7 @@ def pretrain(
         # The last step needs no snapshot: the finished model is saved in its place.
         due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.last_step
         if out_dir is not None and due:
-            save_snapshot(model, processor, out_dir, step + 1, cfg, curve)
+            _snapshot(model, processor, out_dir, step + 1, cfg, curve)
     model.set_attn_implementation("sdpa")  # what from_pretrained picks too
     return model.eval().to("cpu"), processor, curve
 
@@ -312,7 +297,7 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
     train_seconds = time.perf_counter() - start
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / SNAPSHOT_DIR, ignore_errors=True)  # the finished weights supersede it
+    remove_snapshot(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     # Evaluate what was written, loaded the way every user of the checkpoint loads it.
