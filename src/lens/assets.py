@@ -39,6 +39,10 @@ def checkpoint_dir(model_id: str) -> Path:
     return path
 
 
+METRICS_FILE = "metrics.json"  # what a finished training run writes beside its checkpoint
+PROGRESS_FILE = "snapshot.json"  # what a snapshot of a run still going has instead (``lens.world.snapshots``)
+
+
 def checkpoint_metrics(model_id: str) -> dict | None:
     """The ``metrics.json`` a training run wrote beside its checkpoint (a continued run keeps it), if there is one.
 
@@ -46,7 +50,7 @@ def checkpoint_metrics(model_id: str) -> dict | None:
     curve so far) stands in for it.
     """
     directory = checkpoint_dir(model_id)
-    for name in ("metrics.json", "snapshot.json"):
+    for name in (METRICS_FILE, PROGRESS_FILE):
         if (directory / name).is_file():
             return json.loads((directory / name).read_text())
     return None

@@ -33,7 +33,7 @@ import typer
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from lens.assets import asset_root, checkpoint_dir, checkpoint_metrics
+from lens.assets import METRICS_FILE, asset_root, checkpoint_dir, checkpoint_metrics
 from lens.data.synthetic import (
     Scene,
     SyntheticWorld,
@@ -326,7 +326,7 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         )
     if cfg.init_from is not None:  # keep the history: the run this one continued
         metrics["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("VQA accuracy on %d test questions: %.4f", vqa["num_questions"], vqa["overall"])
     return metrics
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import SamModel, SamProcessor
 
-from lens.assets import checkpoint_dir, checkpoint_metrics
+from lens.assets import METRICS_FILE, checkpoint_dir, checkpoint_metrics
 from lens.data.synthetic import Scene, SceneObject, SyntheticWorld
 from lens.tiny import TinySamSpec, build_sam
 from lens.world.sam_prompts import POSITIVE, SceneTensors, centre_point, sample_prompts
@@ -288,7 +288,7 @@ def train_sam(cfg: SamTrainConfig, out_dir: str | Path, command: str | None = No
         logger.info("%s: one centre click mIoU %.4f", split, metrics[split]["point_miou"])
     if cfg.init_from is not None:  # keep the history: the run this one continued
         metrics["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

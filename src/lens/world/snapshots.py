@@ -13,8 +13,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, ProcessorMixin
 
+from lens.assets import PROGRESS_FILE
+
 SNAPSHOT_DIR = "snapshot"  # under the output directory, while a run with snapshots is going
-PROGRESS_FILE = "snapshot.json"
 
 
 def save_snapshot(
