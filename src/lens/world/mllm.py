@@ -219,12 +219,13 @@ def _snapshot(
     step: int,
     cfg: MllmTrainConfig,
     curve: list[dict],
+    history: dict | None,
 ) -> Path:
-    """Snapshot the weights at ``step`` with the run so far; the metrics of the run this one continued come along,
-    so a run continued from the snapshot keeps the whole history."""
+    """Snapshot the weights at ``step`` with the run so far; ``history``, the metrics of the run this one
+    continued, comes along, so a run continued from the snapshot keeps the whole history."""
     progress = {"step": step, "config": dataclasses.asdict(cfg), "learning_curve": curve}
-    if cfg.init_from is not None:
-        progress["init_from_metrics"] = checkpoint_metrics(cfg.init_from)
+    if history is not None:
+        progress["init_from_metrics"] = history
     return save_snapshot(model, processor, out_dir, progress)
 
 
@@ -258,6 +259,8 @@ def pretrain(
     logger.info("training %.2fM parameters for %d steps on %s", _millions(model), cfg.last_step, device)
 
     window, curve = [], []
+    # The continued run's metrics, read once for every snapshot.
+    history = checkpoint_metrics(cfg.init_from) if cfg.init_from is not None else None
     batches = step_loader(_QuestionBatches(train, order, processor, parts, cfg), cfg.num_workers)
     for step, batch in enumerate(tqdm(batches, desc="mllm", disable=None)):
         batch = batch.to(device)
@@ -281,7 +284,7 @@ def pretrain(
         # The last step needs no snapshot: the finished model is saved in its place.
         due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.last_step
         if out_dir is not None and due:
-            _snapshot(model, processor, out_dir, step + 1, cfg, curve)
+            _snapshot(model, processor, out_dir, step + 1, cfg, curve, history)
     model.set_attn_implementation("sdpa")  # what from_pretrained picks too
     return model.eval().to("cpu"), processor, curve
 
