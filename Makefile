@@ -31,8 +31,12 @@ world: setup
 		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 4 --save-every 100
 	$(PYTHON) -m lens.world.mllm --out runs/mllm-run4a --init-from runs/mllm-run3 --steps 1300 --stop-after 700 \
 		--scenes-per-step 32 --num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 5 --save-every 100
-	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --init-from runs/mllm-run4a --steps 1000 --scenes-per-step 32 \
+	$(PYTHON) -m lens.world.mllm --out runs/mllm-run4b --init-from runs/mllm-run4a --steps 1000 --scenes-per-step 32 \
 		--num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 6 --save-every 100
+	$(PYTHON) -m lens.world.mllm --out runs/mllm-run5a --init-from runs/mllm-run4b --steps 1300 --stop-after 1000 \
+		--scenes-per-step 32 --num-threads 2 --num-workers 1 --lr 1e-3 --warmup-steps 20 --seed 7 --save-every 100
+	$(PYTHON) -m lens.world.mllm --out $(ASSETS)/mllm --init-from runs/mllm-run5a --steps 800 --scenes-per-step 32 \
+		--num-threads 2 --num-workers 1 --lr 5e-4 --warmup-steps 20 --seed 8 --save-every 100
 	$(PYTHON) -m lens.world.sam --out runs/sam-base --render-workers 6
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
 		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2
