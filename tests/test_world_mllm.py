@@ -20,6 +20,7 @@ from lens.world.mllm import (
     MllmTrainConfig,
     app,
     build_model,
+    parse_kind_weights,
     pretrain,
     train_mllm,
 )
@@ -114,6 +115,52 @@ def test_make_batch_skips_the_kinds_it_is_told_to(tiny, scenes):
     assert sorted(k for g in no_captions.groups for k in g.kinds) == sorted(
         k for k in kinds if k != "caption"
     )
+
+
+def test_kind_weights_shift_the_draw_toward_a_kind(tiny, scenes):
+    _, processor = tiny
+    parts = PromptParts.of(processor)
+
+    def identify_share(**weights) -> float:
+        kinds = [
+            k
+            for seed in range(20)
+            for g in make_batch(scenes, processor, parts, 4, np.random.default_rng(seed), (), weights).groups
+            for k in g.kinds
+            if k != CAPTION_KIND
+        ]
+        return kinds.count("identify") / len(kinds)
+
+    # Without weights the draw is unchanged: the same questions as before kind_weights existed.
+    plain = make_batch(scenes, processor, parts, 4, np.random.default_rng(3))
+    assert [
+        g.kinds for g in make_batch(scenes, processor, parts, 4, np.random.default_rng(3), (), {}).groups
+    ] == [g.kinds for g in plain.groups]
+    # Uniform draws give identify about its share of the scenes' questions; weight 1000 leaves almost only it
+    # (each scene has at least the 4 identify questions to draw); weight 1e-3 almost none.
+    assert all(sum(qa.kind == "identify" for qa in sc.vqa()) >= 4 for sc in scenes)
+    share = sum(qa.kind == "identify" for sc in scenes for qa in sc.vqa()) / sum(
+        qa.kind != CAPTION_KIND for sc in scenes for qa in sc.vqa()
+    )
+    assert abs(identify_share() - share) < 0.12
+    assert identify_share(identify=1000.0) > 0.97
+    assert identify_share(identify=1e-3) < 0.03
+
+
+def test_bad_kind_weights_are_usage_errors(tmp_path):
+    assert parse_kind_weights(["identify=3", "exists=0.5"]) == {"identify": 3.0, "exists": 0.5}
+    for item in ("identify", "identify=x", "=3"):
+        with pytest.raises(ValueError, match="KIND=WEIGHT"):
+            parse_kind_weights([item])
+    with pytest.raises(ValueError, match=r"unknown question kinds \['identfy'\]"):
+        MllmTrainConfig(kind_weights={"identfy": 2.0})
+    for weights in ({"identify": 0.0}, {"caption": 2.0}):
+        with pytest.raises(ValueError, match="kind weights must be positive"):
+            MllmTrainConfig(kind_weights=weights)
+    for bad in ("identify=x", "identify=-1"):
+        result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--kind-weight", bad])
+        assert result.exit_code == 2 and bad.split("=")[1] in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_skip_kind_is_a_usage_error(tmp_path):

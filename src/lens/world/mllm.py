@@ -44,6 +44,7 @@ from lens.tiny import TinyLlavaSpec, build_llava
 from lens.world.snapshots import remove_snapshot, save_snapshot
 from lens.world.vision import init_vision_positions, pretrain_vision
 from lens.world.vqa import (
+    CAPTION_KIND,
     Batch,
     PromptParts,
     accuracy_by_kind,
@@ -86,6 +87,9 @@ class MllmTrainConfig:
     questions_per_scene: int = 16  # short-answer questions sampled per image, plus its caption
     # Question kinds never trained on (run 1 of the shipped model skipped "identify").
     skip_kinds: tuple[str, ...] = ()
+    # How much likelier a question of a kind is to be drawn than one of an unlisted kind (weight 1); captions are
+    # not drawn (every image has one). Empty: all questions equally likely, as in runs 1-5 of the shipped model.
+    kind_weights: dict[str, float] = field(default_factory=dict)
     lr: float = 2e-3
     vision_lr_scale: float = 0.5  # vision tower and projector learn slower: they arrive pretrained
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -115,9 +119,12 @@ class MllmTrainConfig:
     spec: TinyLlavaSpec = field(default_factory=lambda: dataclasses.replace(SHIPPED_SPEC))
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.skip_kinds) - set(VQA_TEMPLATES))
+        unknown = sorted((set(self.skip_kinds) | set(self.kind_weights)) - set(VQA_TEMPLATES))
         if unknown:
             raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
+        bad = {kind: w for kind, w in self.kind_weights.items() if kind == CAPTION_KIND or not w > 0}
+        if bad:
+            raise ValueError(f"kind weights must be positive and not for captions, got {bad}")
         if self.init_from is not None:
             checkpoint_dir(self.init_from)
         if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
@@ -150,7 +157,9 @@ class _QuestionBatches(torch.utils.data.Dataset):
         chosen = self.order[step * self.cfg.scenes_per_step : (step + 1) * self.cfg.scenes_per_step]
         scenes = [self.train[int(i)] for i in chosen]
         cfg = self.cfg
-        return make_batch(scenes, self.processor, self.parts, cfg.questions_per_scene, rng, cfg.skip_kinds)
+        return make_batch(
+            scenes, self.processor, self.parts, cfg.questions_per_scene, rng, cfg.skip_kinds, cfg.kind_weights
+        )
 
 
 def _fan_in_init(model: LlavaForConditionalGeneration, num_layers: int, seed: int) -> None:
@@ -338,6 +347,20 @@ def _millions(model: torch.nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
+def parse_kind_weights(items: Sequence[str]) -> dict[str, float]:
+    """``["identify=3"]`` -> ``{"identify": 3.0}``; a malformed item is a ValueError naming it."""
+    weights = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not kind.strip():
+            raise ValueError(f"--kind-weight takes KIND=WEIGHT, e.g. identify=3; got {item!r}")
+    return weights
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -365,6 +388,10 @@ def main(
     skip_kind: Annotated[
         list[str] | None, typer.Option(help="a question kind not to train on (repeatable)")
     ] = None,
+    kind_weight: Annotated[
+        list[str] | None,
+        typer.Option(help="KIND=W: draw questions of KIND W times as often as others (repeatable)"),
+    ] = None,
     warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = MllmTrainConfig.warmup_steps,
     save_every: Annotated[
         int, typer.Option(help="steps between weight snapshots to OUT/snapshot (0: none)")
@@ -377,6 +404,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = MllmTrainConfig(
+            kind_weights=parse_kind_weights(kind_weight or ()),
             steps=steps,
             scenes_per_step=scenes_per_step,
             lr=lr,
@@ -392,7 +420,7 @@ def main(
             save_every=save_every,
             stop_after=stop_after,
         )
-    except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind or --init-from: a usage error
+    except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind, --kind-weight or --init-from
         raise typer.BadParameter(str(error)) from None
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)

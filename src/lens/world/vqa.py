@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,15 +108,22 @@ def make_batch(
     questions_per_scene: int,
     rng: np.random.Generator,
     skip_kinds: Collection[str] = (),
+    kind_weights: Mapping[str, float] | None = None,
 ) -> Batch:
     """Up to ``questions_per_scene`` random short-answer questions and the caption of every scene, leaving out
-    ``skip_kinds``."""
+    ``skip_kinds``. ``kind_weights`` makes a question of a kind that many times as likely to be drawn as one of
+    an unlisted kind (weight 1); without it every question is equally likely."""
     short: list[tuple[int, QA]] = []
     captions: list[tuple[int, QA]] = []
     for row, scene in enumerate(scenes):
         qas = scene.vqa()
         questions = [qa for qa in qas if qa.kind != CAPTION_KIND and qa.kind not in skip_kinds]
-        chosen = rng.choice(len(questions), size=min(questions_per_scene, len(questions)), replace=False)
+        size = min(questions_per_scene, len(questions))
+        if kind_weights:
+            weights = np.array([kind_weights.get(qa.kind, 1.0) for qa in questions])
+            chosen = rng.choice(len(questions), size=size, replace=False, p=weights / weights.sum())
+        else:  # the draws of every run before kind_weights existed
+            chosen = rng.choice(len(questions), size=size, replace=False)
         short += [(row, questions[i]) for i in sorted(chosen)]
         if CAPTION_KIND not in skip_kinds:
             captions += [(row, qa) for qa in qas if qa.kind == CAPTION_KIND]
