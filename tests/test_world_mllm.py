@@ -154,7 +154,7 @@ def test_bad_kind_weights_are_usage_errors(tmp_path):
             parse_kind_weights([item])
     with pytest.raises(ValueError, match=r"unknown question kinds \['identfy'\]"):
         MllmTrainConfig(kind_weights={"identfy": 2.0})
-    for weights in ({"identify": 0.0}, {"caption": 2.0}):
+    for weights in ({"identify": 0.0}, {"identify": math.inf}, {"identify": math.nan}, {"caption": 2.0}):
         with pytest.raises(ValueError, match="kind weights must be positive"):
             MllmTrainConfig(kind_weights=weights)
     for bad in ("identify=x", "identify=-1"):

@@ -122,9 +122,11 @@ class MllmTrainConfig:
         unknown = sorted((set(self.skip_kinds) | set(self.kind_weights)) - set(VQA_TEMPLATES))
         if unknown:
             raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
-        bad = {kind: w for kind, w in self.kind_weights.items() if kind == CAPTION_KIND or not w > 0}
+        bad = {
+            kind: w for kind, w in self.kind_weights.items() if kind == CAPTION_KIND or not 0 < w < math.inf
+        }
         if bad:
-            raise ValueError(f"kind weights must be positive and not for captions, got {bad}")
+            raise ValueError(f"kind weights must be positive, finite and not for captions, got {bad}")
         if self.init_from is not None:
             checkpoint_dir(self.init_from)
         if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
@@ -351,13 +353,13 @@ def parse_kind_weights(items: Sequence[str]) -> dict[str, float]:
     """``["identify=3"]`` -> ``{"identify": 3.0}``; a malformed item is a ValueError naming it."""
     weights = {}
     for item in items:
-        kind, sep, value = item.partition("=")
+        kind, _, value = item.partition("=")
         try:
-            weights[kind.strip()] = float(value)
+            if not kind.strip():
+                raise ValueError
+            weights[kind.strip()] = float(value)  # no "=" leaves value "", which float refuses too
         except ValueError:
-            sep = ""
-        if not sep or not kind.strip():
-            raise ValueError(f"--kind-weight takes KIND=WEIGHT, e.g. identify=3; got {item!r}")
+            raise ValueError(f"--kind-weight takes KIND=WEIGHT, e.g. identify=3; got {item!r}") from None
     return weights
 
 
