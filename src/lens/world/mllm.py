@@ -10,7 +10,7 @@ model learns to answer with the LM loss on answer tokens (batches, shared-prefix
 
     python -m lens.world.mllm --out runs/mllm-base --skip-kind identify           # run 1 of the shipped model
     python -m lens.world.mllm --out runs/mllm-run2 --init-from runs/mllm-base --steps 1500 ...
-    # runs 2-4, each continuing the last on every kind: the whole commands are in docs/pretraining.md
+    # runs 2-5, each continuing the last on every kind: the whole commands are in docs/pretraining.md
 """
 
 from __future__ import annotations
