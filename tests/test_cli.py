@@ -1,9 +1,12 @@
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from lens.cli import app
 from lens.data.reason_seg import ReasonSegDataset
 
 runner = CliRunner()
+CONFIG = Path(__file__).parents[1] / "configs" / "synthetic.yaml"
 
 
 def test_help_lists_commands():
@@ -33,3 +36,16 @@ def test_export_world_is_readable_as_reason_seg(tmp_path):
     assert len(dataset) >= 3
     sample = dataset[0]
     assert sample.image.shape[:2] == sample.mask.shape
+
+
+def test_train_rejects_bad_loop_options_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    for flags, named in (
+        (["--eval-every", "-1"], "eval_every must be >= 0"),
+        (["--save-every", "0"], "save_every must be >= 1"),
+        (["--lr-schedule", "cosin"], "lr_schedule must be one of linear, cosine"),
+    ):
+        result = runner.invoke(app, ["train", str(CONFIG), "--output-dir", str(out), *flags])
+        assert result.exit_code == 2, result.output
+        assert named in result.output and "Traceback" not in result.output
+        assert not out.exists()

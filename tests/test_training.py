@@ -125,8 +125,9 @@ def test_training_from_the_feature_cache_without_an_mllm(tmp_path):
     val_key = CacheKey.from_config(config, SYNTHETIC, "val", train=False)
     build_cache(lens, data.val.data, tmp_path / "cache" / SYNTHETIC / "val", val_key, shard_size=4)
 
-    options = dataclasses.replace(OPTIONS, eval_every=2)
+    options = dataclasses.replace(OPTIONS, eval_every=0)  # 0: validate at the last step only
     raw = train(config, tmp_path / "raw", model=_fresh_lens(), data=data, options=options)
+    assert ["val_giou" in r for r in raw] == [False, True]
     cached_data = build_train_data(config, tmp_path / "cache")
     assert cached_data.val.label == "synthetic/val" and cached_data.ratios == {SYNTHETIC: 1.0}
     no_mllm = strip_frozen_encoders(_fresh_lens())  # prepare() would raise: nothing runs the MLLM

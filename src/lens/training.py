@@ -63,6 +63,7 @@ TENSORBOARD = "tensorboard"
 LENS_SUBDIR = "lens"
 STEP_NAME = "step_{:07d}"
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
+LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
 VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
 
 
@@ -71,13 +72,27 @@ class LoopOptions:
     """Loop settings that ``TrainConfig`` does not hold (yet)."""
 
     save_every: int = 500  # optimizer steps between checkpoints
-    eval_every: int = 500  # optimizer steps between validations (and at the last step)
+    eval_every: int = 500  # optimizer steps between validations (and at the last step); 0: last step only
     log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
     keep_checkpoints: int = 2  # older ones are deleted
     eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
     eval_batch_size: int = 8
     lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
     stop_at_step: int | None = None  # end this run early (e.g. a time-limited job); resume continues
+
+    def __post_init__(self) -> None:
+        # checked before any step runs, so a typo never costs a run (or a ZeroDivisionError at step 1)
+        for name, low in (("save_every", 1), ("eval_every", 0), ("log_every", 1), ("keep_checkpoints", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1 or None (the whole split), got {self.eval_limit}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 
 
 @dataclass
@@ -354,7 +369,7 @@ def train(
         sums.zero_()
         micro = 0
         if data.val is not None and (
-            progress.step % options.eval_every == 0 or progress.step == tc.max_steps
+            progress.step == tc.max_steps or (options.eval_every and progress.step % options.eval_every == 0)
         ):
             record.update(_validate(unwrapped, data.val, output_dir, progress.step, options, accelerator))
         records.append(record)
