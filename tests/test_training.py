@@ -37,7 +37,7 @@ from lens.training import (
     latest_checkpoint,
     train,
 )
-from lens.weights import WEIGHTS_NAME
+from lens.weights import WEIGHTS_NAME, save_lens_weights
 
 LR, WARMUP, STEPS = 1e-3, 1, 4
 
@@ -139,6 +139,30 @@ def test_training_from_the_feature_cache_without_an_mllm(tmp_path):
         assert [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-4, abs=1e-6)
     logged = [json.loads(line) for line in (tmp_path / "cached" / LOG_NAME).read_text().splitlines()]
     assert logged == cached
+
+
+def test_init_from_starts_the_trainable_weights_from_a_checkpoint(tmp_path):
+    """A warm restart: weights from ``train.init_from``, a fresh optimizer and schedule (lr 0: nothing moves)."""
+    source = _fresh_lens()
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # unlike any fresh initialisation
+    save_lens_weights(source, tmp_path / "source")
+    config = _config()
+    config.train = dataclasses.replace(
+        config.train, lr=0.0, max_steps=1, grad_accum_steps=1, init_from=str(tmp_path / "source")
+    )
+    data = dataclasses.replace(_data(config), val=None)
+    records = train(config, tmp_path / "restart", model=_fresh_lens(), data=data, options=OPTIONS)
+    assert [r["step"] for r in records] == [1] and records[0]["lr"] == 0.0
+    final = load_file(tmp_path / "restart" / FINAL / WEIGHTS_NAME)
+    expected = source.trainable_state_dict()
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+    config.train = dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(config, tmp_path / "missing", model=_fresh_lens(), data=data, options=OPTIONS)
 
 
 def _sampler() -> MixtureSampler:

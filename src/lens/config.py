@@ -85,6 +85,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
     seed: int = 0
+    # start the trainable weights from this LENS checkpoint (directory or lens: asset), with a fresh optimizer
+    # and schedule: a warm restart or a fine-tune; None: initialise them as the builders do
+    init_from: str | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lens.assets import resolve_model_id
 from lens.cache import (
     MANIFEST_NAME,
     CachedDataset,
@@ -280,6 +281,9 @@ def train(
     set_seed(tc.seed)
     if model is None:
         model = (build_lens_for_cache if cache_root else build_lens)(config, accelerator.device)
+    if tc.init_from is not None and start is None:  # a resumed run's checkpoint holds newer weights
+        load_lens_weights(model, resolve_model_id(tc.init_from))
+        logger.info("trainable weights start from %s", tc.init_from)
     data = data or build_train_data(config, cache_root)
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
