@@ -40,7 +40,7 @@ with torch.inference_mode():
 
 @torch.inference_mode()
 def run(split: str, global_only: bool = False) -> list[dict]:
-    """Per query: mask logits' max and the area / I / U of the mask at threshold 0."""
+    """Per query: the mask logits' max, and the area / I / U of the mask the evaluation would score."""
     descriptor = model.descriptor.forward
     if global_only:  # every keypoint marked invalid: only f_s's description reaches SAM
         model.descriptor.forward = lambda f_s, n, valid: descriptor(f_s, n, torch.zeros_like(valid))
@@ -79,12 +79,12 @@ settings += [(r, kp.max_points, False) for r in (1.0, 1.5, 3.0)] + [
 ]
 shipped = dataclasses.replace(kp)
 for radius, max_points, global_only in settings:
-    model.config.keypoints.nms_radius, model.config.keypoints.max_points = radius, max_points
+    kp.nms_radius, kp.max_points = radius, max_points  # read by LensModel.forward on every call
     val = run("val", global_only)
     print(
         f"val  radius {radius} m {max_points} global only {global_only}: gIoU {giou(val):.4f} ({by_kind(val)})"
     )
-model.config.keypoints.nms_radius, model.config.keypoints.max_points = shipped.nms_radius, shipped.max_points
+kp.nms_radius, kp.max_points = shipped.nms_radius, shipped.max_points
 
 val, test = run("val"), run("test")
 print(f"no gate: val {giou(val):.4f}  test {giou(test):.4f}")
