@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import TINY_LAYER, random_image
-from lens.backbone import LlavaBackbone
+from lens.backbone import LlavaBackbone, unique_images
 from lens.tiny import TEST_WORDS, build_llava
 
 
@@ -30,6 +30,31 @@ def test_runs_exactly_k_layers_and_matches_full_model(backbone):
     mask = features.attention_mask
     torch.testing.assert_close(
         features.hidden_states[mask], full.hidden_states[TINY_LAYER][mask], rtol=0, atol=0
+    )
+
+
+def test_unique_images_compares_content():
+    a, b = random_image(20, 30, 0), random_image(20, 30, 1)
+    unique, index = unique_images([a, b, a.copy(), b, a.convert("L")])
+    assert index.tolist() == [0, 1, 0, 1, 2] and unique[:2] == [a, b] and unique[2].mode == "L"
+
+
+def test_vision_tower_runs_once_per_distinct_image(backbone):
+    seen = []
+    hook = backbone.model.model.vision_tower.register_forward_hook(
+        lambda m, a, o: seen.append(len(a[0]) if a else None)
+    )
+    images = [random_image(40, 60, 0), random_image(30, 30, 1)]
+    images.append(images[0].copy())  # a second query on the first image, as in a training batch
+    texts = ["segment the red ring", "what colour is the square ?", "segment the square"]
+    features = backbone.encode(images, texts)
+    hook.remove()
+    assert seen == [2]
+    with torch.no_grad():  # reference: Hugging Face's own forward, vision tower on all three images
+        full = backbone.model(**backbone._inputs(images, texts), output_hidden_states=True)
+    mask = features.attention_mask
+    torch.testing.assert_close(
+        features.hidden_states[mask], full.hidden_states[TINY_LAYER][mask], rtol=1e-6, atol=1e-6
     )
 
 

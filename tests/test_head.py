@@ -45,10 +45,11 @@ def test_layer_matches_hf_llama_decoder_layer():
     mask = causal_mask(attention_mask, torch.float32)
     rope = LlamaRotaryEmbedding(config)(hidden, positions[:1])
     expected = hf_layer(hidden, attention_mask=mask, position_embeddings=rope)
-    ours, _ = head.layers[0](
-        hidden, rotary(positions[:1], SPEC.head_dim, SPEC.rope_theta, torch.float32), mask
-    )
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    rope = rotary(positions[:1], SPEC.head_dim, SPEC.rope_theta, torch.float32)
+    for need_probs in (True, False):  # explicit probabilities (layer 1) and the fused kernel (layer 2)
+        ours, probs = head.layers[0](hidden, rope, mask, need_probs=need_probs)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        assert (probs is not None) == need_probs
 
 
 def test_attention_map_shape_range_and_normalisation():

@@ -155,6 +155,17 @@ def test_init_head_from_backbone(tiny_models):
             assert torch.equal(v, source[k]), k
 
 
+def test_prepare_embeds_each_distinct_image_once(tiny_lens):
+    seen = []
+    hook = tiny_lens.bridge.sam.vision_encoder.register_forward_hook(lambda m, a, o: seen.append(len(a[0])))
+    inputs = tiny_lens.prepare([IMAGES[0], IMAGES[1], IMAGES[0].copy()], [*TEXTS, "segment the square"])
+    hook.remove()
+    assert seen == [2]
+    alone = tiny_lens.bridge.embed_images([IMAGES[0]])[0]
+    torch.testing.assert_close(inputs.sam_embeddings[2], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs.sam_embeddings[0], inputs.sam_embeddings[2], rtol=0, atol=0)
+
+
 def test_inputs_from_cache_shape(tiny_lens):
     inputs = tiny_lens.prepare(IMAGES, TEXTS, MASKS)
     again = LensInputs(inputs.features.to("cpu", torch.float32), inputs.sam_embeddings.clone(), inputs.masks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
@@ -43,7 +44,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head (grouped-query) self-attention that returns its probabilities."""
+    """Multi-head (grouped-query) self-attention; returns its probabilities only when asked for them."""
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
@@ -54,7 +55,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
         self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.attention_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
         B, L, _ = x.shape
         s = self.spec
         q = self.q_proj(x).view(B, L, s.num_heads, s.head_dim).transpose(1, 2)  # (B, h, L, hd)
@@ -64,9 +67,13 @@ class Attention(nn.Module):
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         groups = s.num_heads // s.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, h, L, hd)
-        scores = q @ k.transpose(-1, -2) * s.head_dim**-0.5 + mask  # (B, h, L, L)
-        probs = scores.float().softmax(-1).to(q.dtype)  # A¹ of eq. (1), explicit because it is supervised
-        out = (probs @ v).transpose(1, 2).reshape(B, L, s.num_heads * s.head_dim)
+        if need_probs:  # A¹ of eq. (1), explicit because it is supervised
+            scores = q @ k.transpose(-1, -2) * s.head_dim**-0.5 + mask  # (B, h, L, L)
+            probs = scores.float().softmax(-1).to(q.dtype)
+            out = probs @ v
+        else:  # the same attention through the fused kernel: no (B, h, L, L) tensors kept for backward
+            probs, out = None, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, L, s.num_heads * s.head_dim)
         return self.o_proj(out), probs
 
 
@@ -92,8 +99,10 @@ class HeadLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
-        attn, probs = self.self_attn(self.input_layernorm(x), rope, mask)
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        attn, probs = self.self_attn(self.input_layernorm(x), rope, mask, need_probs)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), probs
 
@@ -154,7 +163,7 @@ class SegmentationHead(nn.Module):
         x = hidden_states.to(self.layers[0].input_layernorm.weight.dtype)
         mask = causal_mask(attention_mask, x.dtype)
         rope = rotary(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)
-        x, probs = self.layers[0](x, rope, mask)
+        x, probs = self.layers[0](x, rope, mask, need_probs=True)  # A¹: layer 1 recomputes attention
         x, _ = self.layers[1](x, rope, mask)
 
         gh, gw = grid_size

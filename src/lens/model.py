@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lens.backbone import Backbone, BackboneFeatures
+from lens.backbone import Backbone, BackboneFeatures, unique_images
 from lens.config import LensConfig
 from lens.decoder import SamBridge
 from lens.descriptor import KeypointDescriptor
@@ -96,9 +96,10 @@ class LensModel(nn.Module):
         targets = (
             None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
         )
-        return LensInputs(
-            self.backbone.encode(images, instructions), self.bridge.embed_images(images), targets
-        )
+        features = self.backbone.encode(images, instructions)
+        distinct, index = unique_images(images)
+        sam = self.bridge.embed_images(distinct)[index.to(self.device)]  # (B, d_s, h, w), once per image
+        return LensInputs(features, sam, targets)
 
     def forward(self, inputs: LensInputs) -> LensOutput:
         f = inputs.features.to(self.device)

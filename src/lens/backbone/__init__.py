@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until
+from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until, unique_images
 from lens.backbone.llava import LlavaBackbone
 from lens.config import BackboneConfig
 
@@ -35,4 +35,5 @@ __all__ = [
     "LlavaBackbone",
     "load_backbone",
     "run_until",
+    "unique_images",
 ]

@@ -19,6 +19,25 @@ from torch import Tensor, nn
 from lens.geometry import ImageGeometry
 
 
+def unique_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], Tensor]:
+    """The distinct images of a batch and, per input, the index of its copy among them.
+
+    A training batch holds several queries per image (three per scene on the synthetic world); the frozen
+    image encoders need to see each image once. Images are compared by content, not identity, since data-loader
+    workers hand over copies.
+    """
+    seen: dict[tuple, int] = {}
+    unique: list[Image.Image] = []
+    index = []
+    for image in images:
+        key = (image.mode, image.size, image.tobytes())
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(image)
+        index.append(seen[key])
+    return unique, torch.tensor(index, dtype=torch.long)
+
+
 @dataclass
 class LayerSpec:
     """Shape of one backbone decoder layer (pre-norm, RoPE attention, gated MLP), mirrored by the head."""

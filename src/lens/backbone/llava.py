@@ -11,7 +11,7 @@ from torch import Tensor
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until
+from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until, unique_images
 from lens.geometry import ImageGeometry
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,17 @@ class LlavaBackbone(Backbone):
 
     def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
         inputs = self._inputs(images, instructions)
-        with torch.inference_mode():
-            hidden = run_until(
-                self.model.model, self.decoder_layers[self.layer - 1], **inputs, use_cache=False
-            )
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        image_span, text_span = self._spans(input_ids, attention_mask)
+        image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
+        with torch.inference_mode():
+            embeds = self._embed(input_ids, inputs["pixel_values"], unique_images(images)[1])
+            hidden = run_until(
+                self.model.model,
+                self.decoder_layers[self.layer - 1],
+                inputs_embeds=embeds,
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+            )
         geometries = [
             ImageGeometry(
                 width=im.width,
@@ -143,6 +148,23 @@ class LlavaBackbone(Backbone):
             grid_size=self.grid_size,
             geometries=geometries,
         )
+
+    def _embed(self, input_ids: Tensor, pixel_values: Tensor, image_index: Tensor) -> Tensor:
+        """Token embeddings (B, L, d) with the projected vision features in the image tokens, the vision tower
+        run once per distinct image (``image_index``: (B,) which distinct image each prompt shows)."""
+        model = self.model.model
+        shows = image_index.tolist()
+        first = [shows.index(i) for i in range(max(shows) + 1)]  # the first prompt showing each image
+        features = model.get_image_features(
+            pixel_values=pixel_values[first],
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        features = torch.stack(list(features))[image_index.to(input_ids.device)]  # (B, n_image, d)
+        embeds = model.get_input_embeddings()(input_ids)  # (B, L, d)
+        is_image = (input_ids == self.model.config.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(is_image, features.to(embeds.dtype))
 
     def _spans(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[start, end) of the image tokens and of the prompt tokens after them, per row."""

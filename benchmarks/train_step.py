@@ -1,0 +1,100 @@
+"""Time of one LENS training step on the shipped synthetic world, split into where it goes.
+
+A step of ``lens train configs/synthetic.yaml`` (8 scenes, 3 queries each) is: the frozen MLLM to layer k and
+SAM's image encoder in inference mode (``inputs``), the head, descriptor and mask decoder (``forward``), then
+``backward`` and the AdamW update (``optimizer``). The batches are the training run's first ones, drawn
+offline from the synthetic world; the models are the shipped checkpoints.
+
+    python benchmarks/train_step.py                      # CPU, the threads torch picks
+    python benchmarks/train_step.py --threads 2 --steps 12
+    python benchmarks/train_step.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lens.cache import lens_inputs
+from lens.config import LensConfig
+from lens.training import build_train_data
+from lens.weights import build_lens
+
+logger = logging.getLogger("train_step")
+PHASES = ("inputs", "forward", "backward", "optimizer")
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def time_steps(config: LensConfig, device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per phase for each of ``steps`` training steps, after ``warmup`` untimed ones."""
+    torch.manual_seed(config.train.seed)
+    model = build_lens(config, device).train()
+    data = build_train_data(config).train
+    source = next(iter(data.values()))  # the synthetic world's training scenes
+    per_step = config.train.batch_size
+    batches = [
+        [row for i in range(s * per_step, (s + 1) * per_step) for row in source.rows(i)]
+        for s in range(warmup + steps)
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr)
+    now = _clock(device)
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for index, rows in enumerate(batches):
+        t0 = now()
+        inputs = lens_inputs(model, rows)
+        t1 = now()
+        out = model(inputs)
+        t2 = now()
+        out.loss.backward()
+        t3 = now()
+        optimizer.step()
+        optimizer.zero_grad()
+        t4 = now()
+        if index >= warmup:
+            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times[phase].append(seconds)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/synthetic.yaml")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = LensConfig.from_yaml(args.config)
+    times = time_steps(config, torch.device(args.device), args.steps, args.warmup)
+    total = [sum(parts) for parts in zip(*times.values(), strict=True)]
+    logger.info(
+        "%s, %d threads, %d scenes x 3 queries a step, median of %d steps:",
+        args.device,
+        torch.get_num_threads(),
+        config.train.batch_size,
+        args.steps,
+    )
+    for phase, seconds in times.items():
+        logger.info("  %-10s %7.3f s", phase, statistics.median(seconds))
+    logger.info("  %-10s %7.3f s", "step", statistics.median(total))
+
+
+if __name__ == "__main__":
+    main()
