@@ -39,17 +39,23 @@ def test_unique_images_compares_content():
     assert index.tolist() == [0, 1, 0, 1, 2] and unique[:2] == [a, b] and unique[2].mode == "L"
 
 
-def test_vision_tower_runs_once_per_distinct_image(backbone):
-    seen = []
-    hook = backbone.model.model.vision_tower.register_forward_hook(
-        lambda m, a, o: seen.append(len(a[0]) if a else None)
-    )
+def test_image_and_prompt_start_run_once_per_distinct_image(backbone):
+    seen, rows = [], []
+    hooks = [
+        backbone.model.model.vision_tower.register_forward_hook(lambda m, a, o: seen.append(len(a[0]))),
+        backbone.decoder_layers[0].register_forward_hook(lambda m, a, o: rows.append(a[0].shape[:2])),
+    ]
     images = [random_image(40, 60, 0), random_image(30, 30, 1)]
     images.append(images[0].copy())  # a second query on the first image, as in a training batch
     texts = ["segment the red ring", "what colour is the square ?", "segment the square"]
     features = backbone.encode(images, texts)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     assert seen == [2]
+    # The shared prompt start (template + image) ran once per image, the rest once per prompt.
+    (images_run, shared), (prompts_run, rest) = rows
+    assert (images_run, prompts_run) == (2, 3) and shared >= backbone.grid_size[0] * backbone.grid_size[1]
+    assert shared + rest == features.hidden_states.shape[1]
     with torch.no_grad():  # reference: Hugging Face's own forward, vision tower on all three images
         full = backbone.model(**backbone._inputs(images, texts), output_hidden_states=True)
     mask = features.attention_mask

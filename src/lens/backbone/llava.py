@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until, unique_images
 from lens.geometry import ImageGeometry
 
 logger = logging.getLogger(__name__)
+
+
+# transformers renamed the KV-cache argument of the decoder's forward from past_key_values to cache (5.2x)
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+
+
+def _first_of_each(image_index: Tensor) -> list[int]:
+    """The first prompt showing each distinct image, in the order of ``unique_images``."""
+    shows = image_index.tolist()
+    return [shows.index(i) for i in range(max(shows) + 1)]
 
 
 def pad_not_crop(processor) -> None:
@@ -117,15 +128,10 @@ class LlavaBackbone(Backbone):
         inputs = self._inputs(images, instructions)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
         image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
+        image_index = unique_images(images)[1]  # (B,) which distinct image each prompt shows
         with torch.inference_mode():
-            embeds = self._embed(input_ids, inputs["pixel_values"], unique_images(images)[1])
-            hidden = run_until(
-                self.model.model,
-                self.decoder_layers[self.layer - 1],
-                inputs_embeds=embeds,
-                attention_mask=inputs["attention_mask"],
-                use_cache=False,
-            )
+            embeds = self._embed(input_ids, inputs["pixel_values"], image_index)
+            hidden = self._run(embeds, input_ids, inputs["attention_mask"], image_index)
         geometries = [
             ImageGeometry(
                 width=im.width,
@@ -149,14 +155,45 @@ class LlavaBackbone(Backbone):
             geometries=geometries,
         )
 
+    def _run(self, embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: Tensor) -> Tensor:
+        """Hidden states (B, L, d) after layer k. When prompts share an image, the tokens every prompt starts
+        with (chat template and image) run once per image and the rest of each prompt attends to their cache:
+        three queries on a scene cost one image prefix, not three."""
+        layer, model = self.decoder_layers[self.layer - 1], self.model.model
+        same = (input_ids == input_ids[:1]).all(0)  # (L,) token identical in every prompt
+        shared = int(same.int().argmin()) if not same.all() else len(same)
+        shared = min(shared, int(attention_mask.sum(1).min()) - 1)  # every prompt keeps a token of its own
+        if shared <= 0 or len(set(image_index.tolist())) == len(image_index):
+            return run_until(
+                model, layer, inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            )
+        first = _first_of_each(image_index)
+        cache = DynamicCache()
+        prefix = run_until(  # (U, P, d) one row per distinct image
+            model,
+            layer,
+            inputs_embeds=embeds[first, :shared],
+            attention_mask=attention_mask[first, :shared],
+            **{CACHE_KWARG: cache},
+            use_cache=True,
+        )
+        cache.reorder_cache(image_index.to(embeds.device))  # layers 1..k: (B, heads, P, head_dim)
+        rest = run_until(  # (B, L - P, d)
+            model,
+            layer,
+            inputs_embeds=embeds[:, shared:],
+            attention_mask=attention_mask,
+            **{CACHE_KWARG: cache},
+            use_cache=True,
+        )
+        return torch.cat([prefix[image_index.to(prefix.device)], rest], 1)
+
     def _embed(self, input_ids: Tensor, pixel_values: Tensor, image_index: Tensor) -> Tensor:
         """Token embeddings (B, L, d) with the projected vision features in the image tokens, the vision tower
         run once per distinct image (``image_index``: (B,) which distinct image each prompt shows)."""
         model = self.model.model
-        shows = image_index.tolist()
-        first = [shows.index(i) for i in range(max(shows) + 1)]  # the first prompt showing each image
         features = model.get_image_features(
-            pixel_values=pixel_values[first],
+            pixel_values=pixel_values[_first_of_each(image_index)],
             vision_feature_layer=self.model.config.vision_feature_layer,
             vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
             return_dict=True,
