@@ -47,9 +47,32 @@ def test_layer_matches_hf_llama_decoder_layer():
     expected = hf_layer(hidden, attention_mask=mask, position_embeddings=rope)
     rope = rotary(positions[:1], SPEC.head_dim, SPEC.rope_theta, torch.float32)
     for need_probs in (True, False):  # explicit probabilities (layer 1) and the fused kernel (layer 2)
-        ours, probs = head.layers[0](hidden, rope, mask, need_probs=need_probs)
+        ours, probs, _ = head.layers[0](hidden, rope, mask, need_probs=need_probs)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
         assert (probs is not None) == need_probs
+
+
+def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients():
+    """Three prompts, the first and last on one image: running their shared first P tokens once per image
+    must give what the plain forward gives, outputs and gradients alike."""
+    hidden, attention_mask, positions, image_span, text_span = _inputs(B=3, text_end=(12, 10, 11))
+    P = 8  # template (2 tokens) + 6 image tokens; the text starts here
+    hidden[2, :P] = hidden[0, :P]  # same image, same template
+    head = SegmentationHead(SPEC)
+    outputs, grads = [], []
+    for index, shared in ((None, 0), (torch.tensor([0, 1, 0]), P)):
+        x = hidden.clone().requires_grad_()
+        out = head(x, attention_mask, positions, image_span, text_span, (2, 3), index, shared)
+        real = attention_mask[..., None]
+        loss = (out.hidden_states * real).square().sum() + out.attention_map.square().sum()
+        head.zero_grad()
+        loss.backward()
+        outputs.append((out.hidden_states * real, out.attention_map))
+        grads.append([p.grad.clone() for p in head.parameters()])
+    for ours, plain in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    for ours, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_map_shape_range_and_normalisation():

@@ -164,6 +164,14 @@ def test_prepare_embeds_each_distinct_image_once(tiny_lens):
     alone = tiny_lens.bridge.embed_images([IMAGES[0]])[0]
     torch.testing.assert_close(inputs.sam_embeddings[2], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inputs.sam_embeddings[0], inputs.sam_embeddings[2], rtol=0, atol=0)
+    assert inputs.features.image_index.tolist() == [0, 1, 0] and inputs.features.shared_length > 0
+    tiny_lens.eval()
+    with torch.no_grad():  # the head's shared-prefix path against its plain one
+        shared = tiny_lens(inputs)
+        inputs.features.image_index = None
+        plain = tiny_lens(inputs)
+    torch.testing.assert_close(shared.low_res_logits, plain.low_res_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared.attention_map, plain.attention_map, rtol=1e-4, atol=1e-6)
 
 
 def test_inputs_from_cache_shape(tiny_lens):

@@ -27,7 +27,7 @@ with torch.no_grad():
     x = f.hidden_states
     mask = causal_mask(f.attention_mask, x.dtype)
     rope = rotary(f.position_ids, model.head.spec.head_dim, model.head.spec.rope_theta, x.dtype)
-    _, probs = model.head.layers[0](x, rope, mask, need_probs=True)
+    _, probs, _ = model.head.layers[0](x, rope, mask, need_probs=True)
 for i, o in enumerate(scene.objects):
     cover = f.geometries[i].mask_to_grid(torch.from_numpy(o.mask.astype(np.float32))) > 0.5
     s = h.attention_scores[i]

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from lens.backbone.base import LayerSpec, span_mask
+from lens.backbone.base import LayerSpec, first_of_each, span_mask
+
+KV = tuple[Tensor, Tensor]  # rotated keys and values (B, kv_heads, tokens, head_dim)
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +58,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.attention_bias)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool
-    ) -> tuple[Tensor, Tensor | None]:
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool, past: KV | None = None
+    ) -> tuple[Tensor, Tensor | None, KV]:
+        """Attention of x's L tokens to ``past`` (keys and values of P earlier tokens, if any) and to themselves.
+
+        Returns the output, the probabilities (B, h, L, P + L) if asked, and x's own rotated keys and values.
+        """
         B, L, _ = x.shape
         s = self.spec
         q = self.q_proj(x).view(B, L, s.num_heads, s.head_dim).transpose(1, 2)  # (B, h, L, hd)
@@ -65,16 +71,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        own = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, kv, P + L, hd)
         groups = s.num_heads // s.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, h, L, hd)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, h, P + L, hd)
         if need_probs:  # A¹ of eq. (1), explicit because it is supervised
-            scores = q @ k.transpose(-1, -2) * s.head_dim**-0.5 + mask  # (B, h, L, L)
+            scores = q @ k.transpose(-1, -2) * s.head_dim**-0.5 + mask  # (B, h, L, P + L)
             probs = scores.float().softmax(-1).to(q.dtype)
             out = probs @ v
-        else:  # the same attention through the fused kernel: no (B, h, L, L) tensors kept for backward
+        else:  # the same attention through the fused kernel: no (B, h, L, P + L) tensors kept for backward
             probs, out = None, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, L, s.num_heads * s.head_dim)
-        return self.o_proj(out), probs
+        return self.o_proj(out), probs, own
 
 
 class MLP(nn.Module):
@@ -100,11 +109,16 @@ class HeadLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        attn, probs = self.self_attn(self.input_layernorm(x), rope, mask, need_probs)
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor,
+        need_probs: bool = False,
+        past: KV | None = None,
+    ) -> tuple[Tensor, Tensor | None, KV]:
+        attn, probs, kv = self.self_attn(self.input_layernorm(x), rope, mask, need_probs, past)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), probs
+        return x + self.mlp(self.post_attention_layernorm(x)), probs, kv
 
 
 @dataclass
@@ -125,7 +139,10 @@ def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def text_to_image_attention(probs: Tensor, image_span: Tensor, text_mask: Tensor, n_image: int) -> Tensor:
-    """Average of A¹[text rows, image columns] over heads and text tokens: (B, h, L, L) -> (B, n_image)."""
+    """Average of A¹[text rows, image columns] over heads and text tokens: (B, h, Lq, L) -> (B, n_image).
+
+    The Lq rows may be the last rows of the prompt only (``text_mask``: (B, Lq)); columns are all L tokens.
+    """
     mean_heads = probs.float().mean(1)  # (B, L, L)
     cols = image_span[:, :1] + torch.arange(n_image, device=probs.device)  # (B, n_image)
     to_image = mean_heads.gather(2, cols[:, None, :].expand(-1, mean_heads.shape[1], -1))  # (B, L, n_image)
@@ -159,14 +176,34 @@ class SegmentationHead(nn.Module):
         image_span: Tensor,  # (B, 2)
         text_span: Tensor,  # (B, 2)
         grid_size: tuple[int, int],
+        image_index: Tensor | None = None,  # (B,) which distinct image each prompt shows
+        shared_length: int = 0,  # P: prompts showing the same image agree on their first P tokens
     ) -> HeadOutput:
+        """With ``image_index`` and P > 0, the shared first P tokens (template and image, no text token) run
+        once per distinct image and the rest of each prompt attends to them: the same result, fewer rows."""
         x = hidden_states.to(self.layers[0].input_layernorm.weight.dtype)
-        mask = causal_mask(attention_mask, x.dtype)
-        rope = rotary(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)
-        x, probs = self.layers[0](x, rope, mask, need_probs=True)  # A¹: layer 1 recomputes attention
-        x, _ = self.layers[1](x, rope, mask)
+        mask = causal_mask(attention_mask, x.dtype)  # (B, 1, L, L)
+        rope = rotary(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)  # (B, 1, L, hd) x2
+        P = shared_length if image_index is not None else 0
+        if P > 0:
+            index = image_index.to(x.device)
+            first = first_of_each(image_index)
+            shared = x[first, :P]  # (U, P, d)
+            shared_rope = (rope[0][first, :, :P], rope[1][first, :, :P])
+            shared_mask = mask[first][..., :P, :P]
+        x, rope, mask = x[:, P:], (rope[0][:, :, P:], rope[1][:, :, P:]), mask[..., P:, :]  # (B, L - P, ...)
+        probs = None
+        for i, layer in enumerate(self.layers):
+            past = None
+            if P > 0:
+                shared, _, (k, v) = layer(shared, shared_rope, shared_mask)
+                past = (k[index], v[index])  # (B, kv, P, hd)
+            x, layer_probs, _ = layer(x, rope, mask, need_probs=i == 0, past=past)
+            probs = layer_probs if i == 0 else probs  # A¹: layer 1 recomputes attention
+        if P > 0:
+            x = torch.cat([shared[index], x], 1)  # (B, L, d)
 
         gh, gw = grid_size
-        text_mask = span_mask(text_span, x.shape[1])  # (B, L)
+        text_mask = span_mask(text_span, x.shape[1])[:, P:]  # (B, L - P): every text row is after P
         a_c = text_to_image_attention(probs, image_span, text_mask, gh * gw).view(-1, gh, gw)  # eq. 1
         return HeadOutput(hidden_states=x, attention_map=a_c, attention_scores=a_c * (gh * gw))

@@ -105,7 +105,14 @@ class LensModel(nn.Module):
         f = inputs.features.to(self.device)
         kp = self.config.keypoints
         head = self.head(
-            f.hidden_states, f.attention_mask, f.position_ids, f.image_span, f.text_span, f.grid_size
+            f.hidden_states,
+            f.attention_mask,
+            f.position_ids,
+            f.image_span,
+            f.text_span,
+            f.grid_size,
+            f.image_index,
+            f.shared_length,
         )
 
         # Keypoints: NMS + one Newton step on the unclipped map, so saturated plateaus keep their peaks.

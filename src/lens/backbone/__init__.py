@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until, unique_images
+from lens.backbone.base import (
+    Backbone,
+    BackboneFeatures,
+    LayerSpec,
+    first_of_each,
+    run_until,
+    shared_prefix_length,
+    unique_images,
+)
 from lens.backbone.llava import LlavaBackbone
 from lens.config import BackboneConfig
 
@@ -33,7 +41,9 @@ __all__ = [
     "BackboneFeatures",
     "LayerSpec",
     "LlavaBackbone",
+    "first_of_each",
     "load_backbone",
     "run_until",
+    "shared_prefix_length",
     "unique_images",
 ]

@@ -38,6 +38,23 @@ def unique_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], Ten
     return unique, torch.tensor(index, dtype=torch.long)
 
 
+def first_of_each(image_index: Tensor) -> list[int]:
+    """The first input showing each distinct image, in the order ``unique_images`` numbers them."""
+    shows = image_index.tolist()
+    return [shows.index(i) for i in range(max(shows) + 1)]
+
+
+def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor, text_start: Tensor) -> int:
+    """P: how many first tokens all prompts have in common, stopping before any prompt's text.
+
+    Prompts on the same image then agree on their first P positions (template and image), so those can run
+    once per image. A prompt's text tokens are never shared (A_c is read from their attention rows).
+    """
+    same = (input_ids == input_ids[:1]).all(0)  # (L,) token identical in every prompt
+    common = int(same.int().argmin()) if not same.all() else len(same)
+    return max(0, min(common, int(text_start.min()), int(attention_mask.sum(1).min()) - 1))
+
+
 @dataclass
 class LayerSpec:
     """Shape of one backbone decoder layer (pre-norm, RoPE attention, gated MLP), mirrored by the head."""
@@ -70,6 +87,10 @@ class BackboneFeatures:
     answer_index: Tensor  # (B,) long: the start-of-answer token f_s (last prompt token) = text_span[:, 1] - 1
     grid_size: tuple[int, int]  # (grid_h, grid_w) of the image tokens, row-major
     geometries: list[ImageGeometry]  # per image: original size and the MLLM / SAM views
+    # Prompts that show the same image agree on their first ``shared_length`` tokens (template and image);
+    # the head runs those once per image. None / 0: nothing shared (e.g. features read from the cache).
+    image_index: Tensor | None = None  # (B,) long: which distinct image each prompt shows
+    shared_length: int = 0
 
     @property
     def image_mask(self) -> Tensor:  # (B, L) bool

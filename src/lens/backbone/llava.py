@@ -12,7 +12,15 @@ from torch import Tensor
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from lens.backbone.base import Backbone, BackboneFeatures, LayerSpec, run_until, unique_images
+from lens.backbone.base import (
+    Backbone,
+    BackboneFeatures,
+    LayerSpec,
+    first_of_each,
+    run_until,
+    shared_prefix_length,
+    unique_images,
+)
 from lens.geometry import ImageGeometry
 
 logger = logging.getLogger(__name__)
@@ -20,12 +28,6 @@ logger = logging.getLogger(__name__)
 
 # transformers renamed the KV-cache argument of the decoder's forward from past_key_values to cache (5.2x)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
-
-
-def _first_of_each(image_index: Tensor) -> list[int]:
-    """The first prompt showing each distinct image, in the order of ``unique_images``."""
-    shows = image_index.tolist()
-    return [shows.index(i) for i in range(max(shows) + 1)]
 
 
 def pad_not_crop(processor) -> None:
@@ -129,9 +131,11 @@ class LlavaBackbone(Backbone):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
         image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
         image_index = unique_images(images)[1]  # (B,) which distinct image each prompt shows
+        repeated = len(set(image_index.tolist())) < len(image_index)
+        shared = shared_prefix_length(input_ids, attention_mask, text_span[:, 0]) if repeated else 0
         with torch.inference_mode():
             embeds = self._embed(input_ids, inputs["pixel_values"], image_index)
-            hidden = self._run(embeds, input_ids, inputs["attention_mask"], image_index)
+            hidden = self._run(embeds, inputs["attention_mask"], image_index, shared)
         geometries = [
             ImageGeometry(
                 width=im.width,
@@ -153,21 +157,20 @@ class LlavaBackbone(Backbone):
             answer_index=text_span[:, 1] - 1,
             grid_size=self.grid_size,
             geometries=geometries,
+            image_index=image_index.to(input_ids.device),
+            shared_length=shared,
         )
 
-    def _run(self, embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: Tensor) -> Tensor:
-        """Hidden states (B, L, d) after layer k. When prompts share an image, the tokens every prompt starts
-        with (chat template and image) run once per image and the rest of each prompt attends to their cache:
-        three queries on a scene cost one image prefix, not three."""
+    def _run(self, embeds: Tensor, attention_mask: Tensor, image_index: Tensor, shared: int) -> Tensor:
+        """Hidden states (B, L, d) after layer k. The first ``shared`` tokens, the same in every prompt on an
+        image (chat template and image), run once per image and the rest of each prompt attends to their
+        cache: three queries on a scene cost one image prefix, not three."""
         layer, model = self.decoder_layers[self.layer - 1], self.model.model
-        same = (input_ids == input_ids[:1]).all(0)  # (L,) token identical in every prompt
-        shared = int(same.int().argmin()) if not same.all() else len(same)
-        shared = min(shared, int(attention_mask.sum(1).min()) - 1)  # every prompt keeps a token of its own
-        if shared <= 0 or len(set(image_index.tolist())) == len(image_index):
+        if shared == 0:
             return run_until(
                 model, layer, inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
             )
-        first = _first_of_each(image_index)
+        first = first_of_each(image_index)
         cache = DynamicCache()
         prefix = run_until(  # (U, P, d) one row per distinct image
             model,
@@ -193,7 +196,7 @@ class LlavaBackbone(Backbone):
         run once per distinct image (``image_index``: (B,) which distinct image each prompt shows)."""
         model = self.model.model
         features = model.get_image_features(
-            pixel_values=pixel_values[_first_of_each(image_index)],
+            pixel_values=pixel_values[first_of_each(image_index)],
             vision_feature_layer=self.model.config.vision_feature_layer,
             vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
             return_dict=True,
