@@ -49,3 +49,14 @@ def test_train_rejects_bad_loop_options_before_writing_anything(tmp_path):
         assert result.exit_code == 2, result.output
         assert named in result.output and "Traceback" not in result.output
         assert not out.exists()
+
+
+def test_eval_takes_the_shipped_asset_and_names_a_bad_checkpoint(tmp_path):
+    out = tmp_path / "eval"
+    args = ["--splits", "synthetic/test", "--limit", "2", "--output-dir", str(out)]
+    result = runner.invoke(app, ["eval", "lens:synthetic/lens", *args])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").is_file()
+    result = runner.invoke(app, ["eval", str(tmp_path / "nothing"), *args])
+    assert result.exit_code == 2 and "not a LENS checkpoint" in result.output
+    assert "Traceback" not in result.output

@@ -117,7 +117,9 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="LENS checkpoint directory (e.g. runs/lens/model)")],
+    checkpoint: Annotated[
+        str, typer.Argument(help="LENS checkpoint directory (e.g. runs/lens/model) or lens: asset")
+    ],
     output_dir: Annotated[Path, typer.Option(help="results.md, results.json, per-sample records")] = Path(
         "runs/eval"
     ),

@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from lens.assets import resolve_model_id
 from lens.cache import CachedDataset, CacheKey, build_lens_for_cache, lens_inputs
 from lens.config import LensConfig
 from lens.data.loader import SYNTHETIC, ItemSource, Row, build_eval_dataset
@@ -133,7 +134,10 @@ def evaluate_checkpoint(
     With ``cache_root`` no MLLM is loaded: features come from ``lens cache`` output. Run it under
     ``accelerate launch`` to shard the items over processes.
     """
-    model_config = LensConfig.from_yaml(Path(checkpoint) / CONFIG_NAME)
+    checkpoint = Path(resolve_model_id(str(checkpoint)))  # a directory, or a shipped ``lens:`` asset
+    if not (checkpoint / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a LENS checkpoint (no {CONFIG_NAME})")
+    model_config = LensConfig.from_yaml(checkpoint / CONFIG_NAME)
     config = config or model_config
     mixed_precision = model_config.train.mixed_precision if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision)
