@@ -146,7 +146,7 @@ def text_to_image_attention(probs: Tensor, image_span: Tensor, text_mask: Tensor
     mean_heads = probs.float().mean(1)  # (B, Lq, L)
     cols = image_span[:, :1] + torch.arange(n_image, device=probs.device)  # (B, n_image)
     to_image = mean_heads.gather(2, cols[:, None, :].expand(-1, mean_heads.shape[1], -1))  # (B, Lq, n_image)
-    weights = text_mask.float()  # (B, L)
+    weights = text_mask.float()  # (B, Lq)
     return (to_image * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
 
 
