@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lens.backbone import Backbone, BackboneFeatures, unique_images
+from lens.backbone import Backbone, BackboneFeatures, first_of_each, unique_images
 from lens.config import LensConfig
 from lens.decoder import SamBridge
 from lens.descriptor import KeypointDescriptor
@@ -97,7 +97,11 @@ class LensModel(nn.Module):
             None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
         )
         features = self.backbone.encode(images, instructions)
-        distinct, index = unique_images(images)
+        if features.image_index is None:  # a backbone that does not say which prompts share an image
+            distinct, index = unique_images(images)
+        else:
+            index = features.image_index
+            distinct = [images[i] for i in first_of_each(index)]
         sam = self.bridge.embed_images(distinct)[index.to(self.device)]  # (B, d_s, h, w), once per image
         return LensInputs(features, sam, targets)
 
