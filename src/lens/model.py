@@ -125,9 +125,8 @@ class LensModel(nn.Module):
             points, valid = extract_keypoints(
                 scores, kp.nms_radius, kp.max_points, kp.subpixel_eps
             )  # (B, m, 2)
-            gh, gw = (
-                f.grid_size
-            )  # a corner step can leave the grid: keep points on the image (cell edge ±0.5)
+            # A corner step can leave the grid: keep points on the image (cell edge ±0.5).
+            gh, gw = f.grid_size
             points = torch.stack(
                 [points[..., 0].clamp(-0.5, gw - 0.5), points[..., 1].clamp(-0.5, gh - 0.5)], -1
             )

@@ -49,9 +49,8 @@ REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 TRAIN_SPLIT = "train"
 SEMANTIC_TRAIN_SPLIT = "training"  # ADE20K / Mapillary folder name of the training split
 ADE20K_CLASS_FILES = ("objectInfo150.txt", "ade20k_classes.json")  # the dataset's own, or LISA's
-SYNTHETIC_EVAL_SCENES = (
-    100  # scenes of a synthetic val / test split used for evaluation (about 12 queries each)
-)
+# Scenes of a synthetic val / test split used for evaluation (about 12 queries each).
+SYNTHETIC_EVAL_SCENES = 100
 
 
 class DrawKey(NamedTuple):

@@ -103,9 +103,8 @@ class MllmTrainConfig:
     num_threads: int = 1
     num_workers: int = 0  # processes rendering scenes and building batches (0: in the training process)
     bf16_autocast: bool = True  # bf16 matmuls, fp32 weights: ~2x faster on CPUs with AVX512-BF16
-    attn_implementation: str | None = (
-        None  # for training only; None: eager on CPU (faster under autocast), sdpa on GPU
-    )
+    # For training only; None: eager on CPU (faster under autocast), sdpa on GPU.
+    attn_implementation: str | None = None
     init_from: str | None = None  # continue from this checkpoint (skips stage 1 and the initialisation)
     eval_scenes: int = 200  # first scenes of the test split used for the final VQA evaluation
     eval_batch_size: int = 64
