@@ -8,6 +8,12 @@ offline from the synthetic world; the models are the shipped checkpoints.
     python benchmarks/train_step.py                      # CPU, the threads torch picks
     python benchmarks/train_step.py --threads 2 --steps 12
     python benchmarks/train_step.py --device cuda
+    python benchmarks/train_step.py --threads 2 --cached   # the same steps read from a feature cache
+
+With ``--cached`` the same batches are first written to a feature cache (``lens.cache.build_cache``, untimed),
+the MLLM and SAM's image encoder are dropped as ``lens train --cache-root`` drops them, and ``inputs`` is the
+padding of the cached rows into a batch (``stack_cached``); reading the rows, done by the data-loader
+workers in ``lens train``, is not timed, just as drawing the rows is not timed without ``--cached``.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
-from lens.cache import lens_inputs
+from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs, strip_frozen_encoders
 from lens.config import LensConfig
+from lens.data.loader import SYNTHETIC, ItemSource, Row
 from lens.training import build_train_data
 from lens.weights import build_lens
 
@@ -38,15 +46,39 @@ def _clock(device: torch.device) -> Callable[[], float]:
     return now
 
 
-def time_steps(config: LensConfig, device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
+class _FirstItems:
+    """The first ``n`` items of a dataset (an ``ItemSource``): what the timed steps draw."""
+
+    def __init__(self, source: ItemSource, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, index: int, epoch: int = 0) -> list[Row]:
+        return self.source.rows(index, epoch)
+
+
+def time_steps(
+    config: LensConfig, device: torch.device, steps: int, warmup: int, cached: bool = False
+) -> dict[str, list[float]]:
     """Seconds per phase for each of ``steps`` training steps, after ``warmup`` untimed ones."""
     torch.manual_seed(config.train.seed)
     model = build_lens(config, device).train()
     data = build_train_data(config).train
-    source = next(iter(data.values()))  # the synthetic world's training scenes
     per_step = config.train.batch_size
+    source = _FirstItems(next(iter(data.values())), (warmup + steps) * per_step)  # synthetic training scenes
+    if cached:
+        key = CacheKey.from_config(config, SYNTHETIC, "train", train=True, seed=config.train.seed)
+        with tempfile.TemporaryDirectory() as directory:
+            build_cache(model, source, directory, key, shard_size=len(source), batch_size=3 * per_step)
+            source = CachedDataset(directory, key)
+            items = [source.rows(i) for i in range(len(source))]  # read now: the files go away
+        strip_frozen_encoders(model)
+    else:
+        items = [source.rows(i) for i in range(len(source))]
     batches = [
-        [row for i in range(s * per_step, (s + 1) * per_step) for row in source.rows(i)]
+        [row for item in items[s * per_step : (s + 1) * per_step] for row in item]
         for s in range(warmup + steps)
     ]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,18 +109,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cached", action="store_true", help="time steps on a feature cache of the batches")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = LensConfig.from_yaml(args.config)
-    times = time_steps(config, torch.device(args.device), args.steps, args.warmup)
+    times = time_steps(config, torch.device(args.device), args.steps, args.warmup, args.cached)
     total = [sum(parts) for parts in zip(*times.values(), strict=True)]
     logger.info(
-        "%s, %d threads, %d scenes x 3 queries a step, median of %d steps:",
+        "%s, %d threads, %d scenes x 3 queries a step%s, median of %d steps:",
         args.device,
         torch.get_num_threads(),
         config.train.batch_size,
+        ", from a feature cache" if args.cached else "",
         args.steps,
     )
     for phase, seconds in times.items():

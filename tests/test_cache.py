@@ -15,6 +15,7 @@ from lens.cache import (
     SHARD_NAME,
     CachedDataset,
     CacheKey,
+    _item_batches,
     backbone_spec,
     build_cache,
     build_lens_for_cache,
@@ -91,6 +92,9 @@ def test_round_trip_gives_the_same_inputs_and_outputs(lens, dataset, tmp_path):
         assert torch.equal(getattr(g, name), getattr(f, name)), name
     assert g.geometries == f.geometries and g.grid_size == f.grid_size
     torch.testing.assert_close(inputs.sam_embeddings, expected_inputs.sam_embeddings)
+    # item 0's two rows share their prompt start (template and image) in the head, as on the fly
+    assert g.image_index.tolist() == f.image_index.tolist() == [0, 0, 1, 2, 3]
+    assert 0 < f.shared_length <= g.shared_length <= int(g.text_span[:, 0].min())
 
     with torch.no_grad():
         expected, out = lens(expected_inputs), lens(inputs)
@@ -168,3 +172,23 @@ def test_model_for_the_cache_has_the_same_trainable_parts_and_no_mllm(tiny_model
     assert {k: v.shape for k, v in lean.trainable_state_dict().items()} == expected
     with pytest.raises(RuntimeError, match="cached features"):
         lean.prepare([random_image(8, 8)], ["segment the ring"])
+
+
+def test_shared_prefix_of_cached_rows_stops_at_the_first_difference(lens, dataset, tmp_path):
+    build_cache(lens, dataset, tmp_path, _key(lens), shard_size=4, batch_size=8)
+    rows = CachedDataset(tmp_path, _key(lens)).rows(0)  # two rows on one image
+    shared = stack_cached(rows).features.shared_length
+    assert shared > 3
+    rows[1]["hidden_states"] = rows[1]["hidden_states"].clone()
+    rows[1]["hidden_states"][3, 0] += 1e-3  # position 3 no longer equal: the head may share 0..2 only
+    assert stack_cached(rows).features.shared_length == 3
+    for row in rows:
+        del row["image_id"]  # rows that do not say which image they show share nothing
+    f = stack_cached(rows).features
+    assert f.image_index is None and f.shared_length == 0
+
+
+def test_cache_batches_never_split_an_item():
+    items = [[1, 2], [3], [4], [5, 6, 7], []]
+    assert _item_batches(items, 2) == [[1, 2], [3, 4], [5, 6, 7]]
+    assert _item_batches(items, 8) == [[1, 2, 3, 4, 5, 6, 7]]

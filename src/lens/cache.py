@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec
+from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, first_of_each
 from lens.config import BackboneConfig, LensConfig
 from lens.data.loader import ItemSource, Row
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
@@ -108,6 +108,20 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     _atomic_write(directory / MANIFEST_NAME, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
 
 
+def _item_batches(items: list[list[Row]], batch_size: int) -> list[list[Row]]:
+    """Rows in batches of up to ``batch_size`` (more if one item has more), never splitting an item.
+
+    An item's rows show one image; encoded together, their shared prompt start runs once and comes out bitwise
+    equal in every row, which is what lets ``stack_cached`` share it again in the head.
+    """
+    batches: list[list[Row]] = [[]]
+    for item in items:
+        if batches[-1] and len(batches[-1]) + len(item) > batch_size:
+            batches.append([])
+        batches[-1].extend(item)
+    return [b for b in batches if b]
+
+
 def _encode_shard(
     model: LensModel, items: list[list[Row]], batch_size: int
 ) -> tuple[dict[str, Tensor], dict]:
@@ -119,8 +133,7 @@ def _encode_shard(
            for i in range(0, len(first_rows), batch_size)]  # fmt: skip
     row_image = [k for k, item in enumerate(it for it in items if it) for _ in item]
     hidden, positions, spans, lengths, geometries = [], [], [], [], []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    for batch in _item_batches(items, batch_size):
         f = model.backbone.encode([r["image"] for r in batch], [r["instruction"] for r in batch])
         for i in range(len(batch)):
             n = int(f.attention_mask[i].sum())
@@ -264,6 +277,7 @@ class CachedDataset:
             out.append(
                 {
                     **{k: meta[r][k] for k in META_FIELDS if k in meta[r]},  # older caches lack held_out
+                    "image_id": (str(self.directory), index // self.shard_size, image),
                     "hidden_states": handle.get_slice("hidden")[t0:t1],  # (L_i, d)
                     "position_ids": handle.get_slice("position_ids")[t0:t1],  # (L_i,)
                     "image_span": handle.get_slice("image_span")[r : r + 1][0],  # (2,)
@@ -275,6 +289,34 @@ class CachedDataset:
                 }
             )
         return out
+
+
+def _shared_prefix(
+    rows: list[Row],
+    hidden: Tensor,  # (B, L, d)
+    positions: Tensor,  # (B, L)
+    attention_mask: Tensor,  # (B, L)
+) -> tuple[Tensor | None, int]:
+    """Which stored image each row shows, and P: how many first tokens every row shares with the first row
+    of its image, bitwise, before any text (0: none).
+
+    Rows sharing the first P hidden states and positions give the head the same first P outputs, so it may run
+    them once per image (``SegmentationHead``); exact equality makes that safe whatever encoded the cache.
+    """
+    if any("image_id" not in r for r in rows):
+        return None, 0
+    ids: dict[Any, int] = {}
+    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in rows])  # (B,)
+    if len(ids) == len(rows):
+        return image_index, 0
+    text_start = torch.stack([r["text_span"] for r in rows])[:, 0]
+    cap = min(int(text_start.min()), int(attention_mask.sum(1).min()) - 1)
+    if cap <= 0:
+        return image_index, 0
+    lead = torch.tensor(first_of_each(image_index))[image_index]  # (B,) first row of each row's image
+    same = (hidden[:, :cap] == hidden[lead, :cap]).all(-1) & (positions[:, :cap] == positions[lead, :cap])
+    agree = same.all(0)  # (cap,) position shared by every row
+    return image_index, cap if agree.all() else int(agree.int().argmin())
 
 
 def stack_cached(rows: list[Row]) -> LensInputs:
@@ -289,6 +331,7 @@ def stack_cached(rows: list[Row]) -> LensInputs:
         hidden[i, :n], attention_mask[i, :n], positions[i, :n] = r["hidden_states"], True, r["position_ids"]
         positions[i, n:] = positions[i, n - 1] + 1 + torch.arange(length - n)  # pads continue the count
     g = rows[0]["geometry"]
+    image_index, shared = _shared_prefix(rows, hidden, positions, attention_mask)
     features = BackboneFeatures(
         hidden_states=hidden,
         attention_mask=attention_mask,
@@ -298,6 +341,8 @@ def stack_cached(rows: list[Row]) -> LensInputs:
         answer_index=torch.stack([r["answer_index"] for r in rows]),
         grid_size=(g.grid_h, g.grid_w),
         geometries=[r["geometry"] for r in rows],
+        image_index=image_index,
+        shared_length=shared,
     )
     sam = torch.stack([r["sam_embedding"] for r in rows])  # (B, d_s, h, w)
     return LensInputs(features, sam, [torch.from_numpy(np.asarray(r["mask"], np.uint8)) for r in rows])

@@ -88,7 +88,7 @@ class BackboneFeatures:
     grid_size: tuple[int, int]  # (grid_h, grid_w) of the image tokens, row-major
     geometries: list[ImageGeometry]  # per image: original size and the MLLM / SAM views
     # Prompts that show the same image agree on their first ``shared_length`` tokens (template and image);
-    # the head runs those once per image. None / 0: nothing shared (e.g. features read from the cache).
+    # the head runs those once per image. None / 0: nothing shared. Cached rows find both in ``stack_cached``.
     image_index: Tensor | None = None  # (B,) long: which distinct image each prompt shows
     shared_length: int = 0
 

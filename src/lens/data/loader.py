@@ -41,9 +41,8 @@ from lens.data.types import Sample
 
 logger = logging.getLogger(__name__)
 
-Row = dict[
-    str, Any
-]  # image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, held_out, index, part
+# image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, held_out, index, part
+Row = dict[str, Any]
 SYNTHETIC = "synthetic"
 REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 TRAIN_SPLIT = "train"
