@@ -87,3 +87,14 @@ def test_loading_the_head_leaves_vqa_unchanged(lens_model):
         correct_plain += answer_plain.strip() == qa.answer
         correct_lens += answer_lens == qa.answer
     assert correct_plain == correct_lens
+
+
+@shipped
+def test_model_for_the_cache_resolves_the_shipped_assets(lens_model):
+    """``lens train/eval --cache-root`` on configs/synthetic.yaml: the ``lens:`` ids resolve without the MLLM."""
+    from lens.cache import build_lens_for_cache
+
+    assert lens_model.config.backbone.model_id.startswith("lens:")
+    lean = build_lens_for_cache(lens_model.config)
+    assert lean.backbone.layer_spec() == lens_model.backbone.layer_spec()
+    assert lean.trainable_state_dict().keys() == lens_model.trainable_state_dict().keys()

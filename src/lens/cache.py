@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, first_of_each
 from lens.config import BackboneConfig, LensConfig
 from lens.data.loader import ItemSource, Row
@@ -385,10 +386,11 @@ class _NoImageEncoder(nn.Module):
 
 def backbone_spec(config: BackboneConfig) -> LayerSpec:
     """The head's layer shape from the MLLM's config alone: the model is built on the meta device, never loaded."""
-    hf_config = AutoConfig.from_pretrained(config.model_id, revision=config.revision)
+    model_id = resolve_model_id(config.model_id)  # a hub id, a directory or a shipped ``lens:`` asset
+    hf_config = AutoConfig.from_pretrained(model_id, revision=config.revision)
     with torch.device("meta"):
         hf_model = AutoModelForImageTextToText.from_config(hf_config)
-    processor = AutoProcessor.from_pretrained(config.model_id, revision=config.revision)
+    processor = AutoProcessor.from_pretrained(model_id, revision=config.revision)
     return BACKBONES[config.name](hf_model, processor, layer=config.layer).layer_spec()
 
 
@@ -404,6 +406,8 @@ def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu")
     if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
         return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
     d = config.decoder
-    bridge = load_sam(d.model_id, revision=d.revision, train_mask_decoder=d.train_mask_decoder)
+    bridge = load_sam(
+        resolve_model_id(d.model_id), revision=d.revision, train_mask_decoder=d.train_mask_decoder
+    )
     model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
     return strip_frozen_encoders(model).to(device)
