@@ -30,12 +30,12 @@ from transformers import (
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
 from lens.backbone import BackboneFeatures, LlavaBackbone
-from lens.cache import SpecBackbone, strip_frozen_encoders
 from lens.config import LensConfig
 from lens.decoder import SamBridge
 from lens.geometry import ImageGeometry
 from lens.model import TRAINABLE_PREFIXES, LensInputs, LensModel
 from lens.tiny import TEST_WORDS, build_llava
+from lens.weights import SpecBackbone, strip_frozen_encoders
 
 logger = logging.getLogger("train_memory")
 

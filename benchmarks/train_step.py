@@ -27,11 +27,11 @@ from collections.abc import Callable
 
 import torch
 
-from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs, strip_frozen_encoders
+from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs
 from lens.config import LensConfig
 from lens.data.loader import SYNTHETIC, ItemSource, Row
 from lens.training import build_train_data
-from lens.weights import build_lens
+from lens.weights import build_lens, strip_frozen_encoders
 
 logger = logging.getLogger("train_step")
 PHASES = ("inputs", "forward", "backward", "optimizer")

@@ -16,14 +16,13 @@ from lens.cache import (
     CachedDataset,
     CacheKey,
     _item_batches,
-    backbone_spec,
     build_cache,
-    build_lens_for_cache,
     lens_inputs,
     stack_cached,
 )
 from lens.data.loader import QueryDataset
 from lens.data.types import IGNORE_INDEX, Sample
+from lens.weights import backbone_spec, build_lens_for_cache
 
 
 def _sample(h: int, w: int, seed: int, query: str, sentence: bool = False) -> Sample:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_lens
-from lens.cache import CacheKey, build_cache, strip_frozen_encoders
+from lens.cache import CacheKey, build_cache
 from lens.config import LensConfig
 from lens.data.loader import (
     SYNTHETIC,
@@ -37,7 +37,7 @@ from lens.training import (
     latest_checkpoint,
     train,
 )
-from lens.weights import WEIGHTS_NAME, save_lens_weights
+from lens.weights import WEIGHTS_NAME, save_lens_weights, strip_frozen_encoders
 
 LR, WARMUP, STEPS = 1e-3, 1, 4
 

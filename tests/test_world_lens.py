@@ -92,7 +92,7 @@ def test_loading_the_head_leaves_vqa_unchanged(lens_model):
 @shipped
 def test_model_for_the_cache_resolves_the_shipped_assets(lens_model):
     """``lens train/eval --cache-root`` on configs/synthetic.yaml: the ``lens:`` ids resolve without the MLLM."""
-    from lens.cache import build_lens_for_cache
+    from lens.weights import build_lens_for_cache
 
     assert lens_model.config.backbone.model_id.startswith("lens:")
     lean = build_lens_for_cache(lens_model.config)

@@ -13,9 +13,10 @@ plus the rows' text and geometry as JSON in the safetensors metadata. Shards are
 (temporary file + rename), so an interrupted build resumes at the first missing shard. The manifest carries a
 ``CacheKey``; a cache is only ever read with the key it was built with.
 
-Training on a cache needs no MLLM in memory: ``build_lens_for_cache`` makes a LENS model whose backbone is a
-``SpecBackbone`` (the layer's shape, read from the MLLM's config on the meta device) and whose SAM has no
-image encoder; ``stack_cached`` turns cached rows back into the padded ``LensInputs`` the backbone would give.
+Training on a cache needs no MLLM in memory: ``lens.weights.build_lens_for_cache`` makes a LENS model whose
+backbone is a ``SpecBackbone`` (the layer's shape, read from the MLLM's config on the meta device) and whose SAM
+has no image encoder; ``stack_cached`` turns cached rows back into the padded ``LensInputs`` the backbone would
+give.
 """
 
 from __future__ import annotations
@@ -34,18 +35,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from torch import Tensor
 
-from lens.assets import resolve_model_id
-from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, first_of_each
-from lens.config import BackboneConfig, LensConfig
+from lens.backbone import BackboneFeatures, first_of_each
+from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
-from lens.decoder import load_sam
 from lens.geometry import ImageGeometry
 from lens.model import LensInputs, LensModel
-from lens.weights import build_lens
 
 logger = logging.getLogger(__name__)
 
@@ -361,53 +358,3 @@ def lens_inputs(model: LensModel, rows: list[Row]) -> LensInputs:
         inputs = model.prepare(images, texts, [r["mask"] for r in rows])
     inputs.sam_embeddings = inputs.sam_embeddings.to(next(model.bridge.sam.mask_decoder.parameters()).dtype)
     return inputs
-
-
-class SpecBackbone(Backbone):
-    """Stands in for the frozen MLLM when features come from a cache: it knows one layer's shape, no weights."""
-
-    def __init__(self, spec: LayerSpec, layer: int):
-        super().__init__()
-        self.spec, self.layer = spec, layer
-
-    def layer_spec(self) -> LayerSpec:
-        return self.spec
-
-    def encode(self, images, instructions) -> BackboneFeatures:
-        raise RuntimeError(
-            "this LENS model reads cached features and holds no MLLM; build it with build_lens"
-        )
-
-
-class _NoImageEncoder(nn.Module):
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("SAM's image encoder was dropped: this LENS model reads cached SAM embeddings")
-
-
-def backbone_spec(config: BackboneConfig) -> LayerSpec:
-    """The head's layer shape from the MLLM's config alone: the model is built on the meta device, never loaded."""
-    model_id = resolve_model_id(config.model_id)  # a hub id, a directory or a shipped ``lens:`` asset
-    hf_config = AutoConfig.from_pretrained(model_id, revision=config.revision)
-    with torch.device("meta"):
-        hf_model = AutoModelForImageTextToText.from_config(hf_config)
-    processor = AutoProcessor.from_pretrained(model_id, revision=config.revision)
-    return BACKBONES[config.name](hf_model, processor, layer=config.layer).layer_spec()
-
-
-def strip_frozen_encoders(model: LensModel) -> LensModel:
-    """Drop the MLLM and SAM's image encoder from ``model`` (in place): what training on a cache needs."""
-    model.backbone = SpecBackbone(model.backbone.layer_spec(), model.backbone.layer)
-    model.bridge.sam.vision_encoder = _NoImageEncoder()
-    return model
-
-
-def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
-    """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
-    if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
-        return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
-    d = config.decoder
-    bridge = load_sam(
-        resolve_model_id(d.model_id), revision=d.revision, train_mask_decoder=d.train_mask_decoder
-    )
-    model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
-    return strip_frozen_encoders(model).to(device)

@@ -32,14 +32,14 @@ from accelerate import Accelerator
 from PIL import Image
 
 from lens.assets import resolve_model_id
-from lens.cache import CachedDataset, CacheKey, build_lens_for_cache, lens_inputs
+from lens.cache import CachedDataset, CacheKey, lens_inputs
 from lens.config import LensConfig
 from lens.data.loader import SYNTHETIC, ItemSource, Row, build_eval_dataset
 from lens.data.synthetic import SyntheticWorld
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
 from lens.reporting import REASON_SEG, REFER_TABLE, markdown, summarize, table2, table3
-from lens.weights import CONFIG_NAME, build_lens, load_lens_weights
+from lens.weights import CONFIG_NAME, build_lens, build_lens_for_cache, load_lens_weights
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from lens.cache import (
     CachedDataset,
     CacheKey,
     build_cache,
-    build_lens_for_cache,
     finalize_cache,
     lens_inputs,
 )
@@ -54,7 +53,7 @@ from lens.data.mixing import MixtureSampler
 from lens.evaluation import EvalSplit, evaluate
 from lens.model import TRAINABLE_PREFIXES, LensModel
 from lens.reporting import REASON_SEG
-from lens.weights import build_lens, load_lens_weights, save_lens_weights
+from lens.weights import build_lens, build_lens_for_cache, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,9 @@
 """Building is separate from loading: ``build_lens`` makes a model from a config (frozen parts pretrained,
 trainable parts fresh), ``load_lens_weights`` fills the trainable parts from a safetensors file.
 
+``build_lens_for_cache`` builds the same model without the frozen MLLM and SAM image encoder, for training
+and evaluating on a feature cache (``lens.cache``).
+
 A LENS checkpoint is a directory with ``lens_config.yaml`` and ``model.safetensors`` holding only the
 trainable tensors (head, descriptor, [CLS] position, SAM mask decoder): the frozen MLLM and SAM encoder are
 referenced by id, never copied.
@@ -16,10 +19,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from lens.assets import resolve_model_id
-from lens.backbone import load_backbone
-from lens.config import LensConfig
+from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
+from lens.config import BackboneConfig, LensConfig
 from lens.decoder import load_sam
 from lens.model import LensModel
 
@@ -90,3 +95,56 @@ def load_lens(directory: str | Path, device: str | torch.device = "cpu") -> Lens
         raise FileNotFoundError(f"{directory} is not a LENS checkpoint (no {CONFIG_NAME})")
     config = LensConfig.from_yaml(directory / CONFIG_NAME)
     return load_lens_weights(build_lens(config, device), directory)
+
+
+# Models for cached features (``lens.cache``): the frozen encoders' outputs come from disk.
+
+
+class SpecBackbone(Backbone):
+    """Stands in for the frozen MLLM when features come from a cache: it knows one layer's shape, no weights."""
+
+    def __init__(self, spec: LayerSpec, layer: int):
+        super().__init__()
+        self.spec, self.layer = spec, layer
+
+    def layer_spec(self) -> LayerSpec:
+        return self.spec
+
+    def encode(self, images, instructions) -> BackboneFeatures:
+        raise RuntimeError(
+            "this LENS model reads cached features and holds no MLLM; build it with build_lens"
+        )
+
+
+class _NoImageEncoder(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("SAM's image encoder was dropped: this LENS model reads cached SAM embeddings")
+
+
+def backbone_spec(config: BackboneConfig) -> LayerSpec:
+    """The head's layer shape from the MLLM's config alone: the model is built on the meta device, never loaded."""
+    model_id = resolve_model_id(config.model_id)  # a hub id, a directory or a shipped ``lens:`` asset
+    hf_config = AutoConfig.from_pretrained(model_id, revision=config.revision)
+    with torch.device("meta"):
+        hf_model = AutoModelForImageTextToText.from_config(hf_config)
+    processor = AutoProcessor.from_pretrained(model_id, revision=config.revision)
+    return BACKBONES[config.name](hf_model, processor, layer=config.layer).layer_spec()
+
+
+def strip_frozen_encoders(model: LensModel) -> LensModel:
+    """Drop the MLLM and SAM's image encoder from ``model`` (in place): what training on a cache needs."""
+    model.backbone = SpecBackbone(model.backbone.layer_spec(), model.backbone.layer)
+    model.bridge.sam.vision_encoder = _NoImageEncoder()
+    return model
+
+
+def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
+    """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
+    if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
+        return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
+    d = config.decoder
+    bridge = load_sam(
+        resolve_model_id(d.model_id), revision=d.revision, train_mask_decoder=d.train_mask_decoder
+    )
+    model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
+    return strip_frozen_encoders(model).to(device)
