@@ -28,6 +28,7 @@ def test_train_step_runs_on_the_shipped_world(cached):
         assert f"  {phase}" in out
 
 
+@pytest.mark.slow
 def test_train_memory_counts_parameters_without_a_gpu():
     out = _run("train_memory.py")
     assert "trainable total" in out and "mllm (frozen)" in out
