@@ -14,7 +14,7 @@ from rich.progress import track
 from rich.table import Table
 
 from lens.assets import SYNTHETIC_LENS
-from lens.data.synthetic import QUERY_KINDS, SyntheticWorld
+from lens.data.synthetic import QUERY_KINDS, SegQuery, SyntheticWorld
 from lens.data.templates import format_question
 from lens.metrics import IoUAccumulator
 from lens.visualize import lens_figure
@@ -30,9 +30,9 @@ class DemoResult:
     figures: list[Path]
 
 
-def pick_queries(world: SyntheticWorld, num: int):
+def pick_queries(world: SyntheticWorld, num: int) -> list[SegQuery]:
     """``num`` test-split queries, cycling through the query kinds so each kind is shown."""
-    by_kind: dict[str, list] = defaultdict(list)
+    by_kind: dict[str, list[SegQuery]] = defaultdict(list)
     for index in range(world.split_size("test")):
         scene = world.scene("test", index)
         for query in scene.segmentation_queries():

@@ -102,7 +102,9 @@ class TinyLlavaSpec:
     max_positions: int = 512
 
 
-def build_llava(words: Iterable[str], spec: TinyLlavaSpec | None = None, seed: int = 0):
+def build_llava(
+    words: Iterable[str], spec: TinyLlavaSpec | None = None, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from a word list."""
     spec = spec or TinyLlavaSpec()
     tokenizer = word_tokenizer(words)
@@ -231,7 +233,9 @@ TEST_WORDS = [
 ]
 
 
-def build_tiny_models(seed: int = 0):
+def build_tiny_models(
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, SamModel, SamProcessor]:
     """(llava, llava_processor, sam, sam_processor) at unit-test size."""
     llava, llava_processor = build_llava(TEST_WORDS, seed=seed)
     sam, sam_processor = build_sam(seed=seed)

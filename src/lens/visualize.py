@@ -6,13 +6,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lens.model import Prediction
+
 MASK_COLOUR = (30, 144, 255)  # overlay colour of the predicted mask
 TRUTH_COLOUR = (50, 205, 50)  # overlay colour of the ground truth
 INSIDE_COLOUR = (255, 255, 255)  # keypoint inside the predicted mask (white in Fig. 3)
 OUTSIDE_COLOUR = (230, 30, 30)  # keypoint outside it (red in Fig. 3)
 
 
-def overlay_mask(image: Image.Image, mask: np.ndarray, colour=MASK_COLOUR, alpha: float = 0.5) -> Image.Image:
+def overlay_mask(
+    image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = MASK_COLOUR, alpha: float = 0.5
+) -> Image.Image:
     """Blend ``colour`` into ``image`` where ``mask`` (H, W) is true."""
     base = np.asarray(image.convert("RGB")).astype(np.float32)
     region = np.asarray(mask, dtype=bool)
@@ -62,7 +66,7 @@ def panel(images: list[Image.Image], titles: list[str], height: int = 256) -> Im
 
 def lens_figure(
     image: Image.Image,
-    prediction,  # lens.model.Prediction
+    prediction: Prediction,
     query: str,
     truth: np.ndarray | None = None,
     height: int = 256,

@@ -15,9 +15,11 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -110,7 +112,7 @@ class SpecBackbone(Backbone):
     def layer_spec(self) -> LayerSpec:
         return self.spec
 
-    def encode(self, images, instructions) -> BackboneFeatures:
+    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
         raise RuntimeError(
             "this LENS model reads cached features and holds no MLLM; build it with build_lens"
         )

@@ -8,7 +8,7 @@ writing one short adapter; the head, keypoints, descriptor and SAM bridge never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -149,14 +149,14 @@ class _EarlyExit(Exception):
 
 
 @contextmanager
-def stop_after(layer: nn.Module):
+def stop_after(layer: nn.Module) -> Iterator[None]:
     """Abort the forward pass right after ``layer`` runs, carrying its output out.
 
     Works for any decoder stack without re-implementing its forward: the remaining layers (18 of 32 for
     LLaVA-1.5-7B at k=14), the final norm and the LM head never run.
     """
 
-    def hook(_module: nn.Module, _args, output):
+    def hook(_module: nn.Module, _args: tuple, output: Tensor | tuple) -> None:
         raise _EarlyExit(output[0] if isinstance(output, tuple) else output)
 
     handle = layer.register_forward_hook(hook)
@@ -166,7 +166,7 @@ def stop_after(layer: nn.Module):
         handle.remove()
 
 
-def run_until(forward, layer: nn.Module, **inputs) -> Tensor:
+def run_until(forward: Callable[..., object], layer: nn.Module, **inputs: Tensor) -> Tensor:
     """Call ``forward(**inputs)`` and return the output of ``layer``, never running what follows it."""
     try:
         with stop_after(layer):

@@ -9,7 +9,13 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LlavaModel
+from transformers import (
+    AutoProcessor,
+    DynamicCache,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaProcessor,
+)
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from lens.backbone.base import (
@@ -30,7 +36,7 @@ logger = logging.getLogger(__name__)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
 
 
-def pad_not_crop(processor) -> None:
+def pad_not_crop(processor: LlavaProcessor) -> None:
     """Make the processor pad images to a square (as LLaVA-1.5 was trained) instead of centre-cropping.
 
     ``llava-hf`` checkpoints ship a ``CLIPImageProcessor`` that resizes the short side and centre-crops,
@@ -63,7 +69,11 @@ class LlavaBackbone(Backbone):
     """
 
     def __init__(
-        self, model: LlavaForConditionalGeneration, processor, layer: int = 14, sam_size: int = 1024
+        self,
+        model: LlavaForConditionalGeneration,
+        processor: LlavaProcessor,
+        layer: int = 14,
+        sam_size: int = 1024,
     ):
         super().__init__()
         text_config = model.config.text_config
