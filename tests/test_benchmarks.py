@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
 def _run(script: str, *args: str) -> str:
@@ -22,7 +23,19 @@ def _run(script: str, *args: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True], ids=["on_the_fly", "cached"])
 def test_train_step_runs_on_the_shipped_world(cached):
-    out = _run("train_step.py", "--steps", "1", "--warmup", "0", "--threads", "1", *(["--cached"] * cached))
+    config = str(REPO / "configs" / "synthetic.yaml")
+    out = _run(
+        "train_step.py",
+        "--config",
+        config,
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        *(["--cached"] * cached),
+    )
     assert ("from a feature cache" in out) == cached
     for phase in ("inputs", "forward", "backward", "optimizer", "step"):
         assert f"  {phase}" in out
