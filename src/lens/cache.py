@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lens.backbone import BackboneFeatures, first_of_each
+from lens.backbone import BackboneFeatures, first_of_each, shared_prefix_length
 from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
@@ -307,14 +307,10 @@ def _shared_prefix(
     image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in rows])  # (B,)
     if len(ids) == len(rows):
         return image_index, 0
-    text_start = torch.stack([r["text_span"] for r in rows])[:, 0]
-    cap = min(int(text_start.min()), int(attention_mask.sum(1).min()) - 1)
-    if cap <= 0:
-        return image_index, 0
     lead = torch.tensor(first_of_each(image_index))[image_index]  # (B,) first row of each row's image
-    same = (hidden[:, :cap] == hidden[lead, :cap]).all(-1) & (positions[:, :cap] == positions[lead, :cap])
-    agree = same.all(0)  # (cap,) position shared by every row
-    return image_index, cap if agree.all() else int(agree.int().argmin())
+    same = (hidden == hidden[lead]).all(-1) & (positions == positions[lead])  # (B, L)
+    text_start = torch.stack([r["text_span"] for r in rows])[:, 0]
+    return image_index, shared_prefix_length(same, attention_mask, text_start)
 
 
 def stack_cached(rows: list[Row]) -> LensInputs:

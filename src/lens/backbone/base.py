@@ -44,14 +44,15 @@ def first_of_each(image_index: Tensor) -> list[int]:
     return [shows.index(i) for i in range(max(shows) + 1)]
 
 
-def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor, text_start: Tensor) -> int:
-    """P: how many first tokens all prompts have in common, stopping before any prompt's text.
+def shared_prefix_length(same: Tensor, attention_mask: Tensor, text_start: Tensor) -> int:
+    """P: how many first positions every prompt agrees on (``same``: (B, L) bool, the prompt equals its
+    reference there), stopping before any prompt's text and before the shortest prompt's last token.
 
     Prompts on the same image then agree on their first P positions (template and image), so those can run
     once per image. A prompt's text tokens are never shared (A_c is read from their attention rows).
     """
-    same = (input_ids == input_ids[:1]).all(0)  # (L,) token identical in every prompt
-    common = int(same.int().argmin()) if not same.all() else len(same)
+    agree = same.all(0)  # (L,) position identical in every prompt
+    common = int(agree.int().argmin()) if not agree.all() else len(agree)
     return max(0, min(common, int(text_start.min()), int(attention_mask.sum(1).min()) - 1))
 
 

@@ -142,7 +142,8 @@ class LlavaBackbone(Backbone):
         image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
         image_index = unique_images(images)[1]  # (B,) which distinct image each prompt shows
         repeated = len(set(image_index.tolist())) < len(image_index)
-        shared = shared_prefix_length(input_ids, attention_mask, text_span[:, 0]) if repeated else 0
+        same = input_ids == input_ids[:1]  # (B, L) token ids; equal ids on one image give equal embeddings
+        shared = shared_prefix_length(same, attention_mask, text_span[:, 0]) if repeated else 0
         with torch.inference_mode():
             embeds = self._embed(input_ids, inputs["pixel_values"], image_index)
             hidden = self._run(embeds, inputs["attention_mask"], image_index, shared)
