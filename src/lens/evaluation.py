@@ -31,7 +31,6 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from lens.assets import resolve_model_id
 from lens.cache import CachedDataset, CacheKey, lens_inputs
 from lens.config import LensConfig
 from lens.data.loader import SYNTHETIC, ItemSource, Row, build_eval_dataset
@@ -39,7 +38,7 @@ from lens.data.synthetic import SyntheticWorld
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
 from lens.reporting import REASON_SEG, REFER_TABLE, markdown, summarize, table2, table3
-from lens.weights import CONFIG_NAME, build_lens, build_lens_for_cache, load_lens_weights
+from lens.weights import build_lens, build_lens_for_cache, checkpoint_config, load_lens_weights
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +133,7 @@ def evaluate_checkpoint(
     With ``cache_root`` no MLLM is loaded: features come from ``lens cache`` output. Run it under
     ``accelerate launch`` to shard the items over processes.
     """
-    checkpoint = Path(resolve_model_id(str(checkpoint)))  # a directory, or a shipped ``lens:`` asset
-    if not (checkpoint / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a LENS checkpoint (no {CONFIG_NAME})")
-    model_config = LensConfig.from_yaml(checkpoint / CONFIG_NAME)
+    checkpoint, model_config = checkpoint_config(checkpoint)  # a directory, or a shipped ``lens:`` asset
     config = config or model_config
     mixed_precision = model_config.train.mixed_precision if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision)

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
 from lens.config import BackboneConfig, LensConfig
-from lens.decoder import load_sam
+from lens.decoder import SamBridge, load_sam
 from lens.model import LensModel
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,19 @@ CONFIG_NAME = "lens_config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _load_bridge(config: LensConfig, device: str | torch.device = "cpu") -> SamBridge:
+    d = config.decoder
+    return load_sam(
+        resolve_model_id(d.model_id),
+        revision=d.revision,
+        device=device,
+        train_mask_decoder=d.train_mask_decoder,
+    )
+
+
 def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
     """Load the frozen MLLM and SAM named in ``config`` and attach freshly initialised LENS parts."""
-    bridge = load_sam(
-        resolve_model_id(config.decoder.model_id),
-        revision=config.decoder.revision,
-        device=device,
-        train_mask_decoder=config.decoder.train_mask_decoder,
-    )
+    bridge = _load_bridge(config, device)
     backbone_config = dataclasses.replace(
         config.backbone, model_id=resolve_model_id(config.backbone.model_id)
     )
@@ -90,12 +95,17 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
     return model
 
 
-def load_lens(directory: str | Path, device: str | torch.device = "cpu") -> LensModel:
-    """A trained LENS from a checkpoint directory (or ``lens:`` asset): its config, frozen models, weights."""
-    directory = Path(resolve_model_id(str(directory)))
+def checkpoint_config(checkpoint: str | Path) -> tuple[Path, LensConfig]:
+    """The directory of a LENS checkpoint (a path or ``lens:`` asset) and the config it was trained with."""
+    directory = Path(resolve_model_id(str(checkpoint)))
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not a LENS checkpoint (no {CONFIG_NAME})")
-    config = LensConfig.from_yaml(directory / CONFIG_NAME)
+    return directory, LensConfig.from_yaml(directory / CONFIG_NAME)
+
+
+def load_lens(directory: str | Path, device: str | torch.device = "cpu") -> LensModel:
+    """A trained LENS from a checkpoint directory (or ``lens:`` asset): its config, frozen models, weights."""
+    directory, config = checkpoint_config(directory)
     return load_lens_weights(build_lens(config, device), directory)
 
 
@@ -144,9 +154,6 @@ def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu")
     """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
     if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
         return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
-    d = config.decoder
-    bridge = load_sam(
-        resolve_model_id(d.model_id), revision=d.revision, train_mask_decoder=d.train_mask_decoder
-    )
+    bridge = _load_bridge(config)
     model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
     return strip_frozen_encoders(model).to(device)
