@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import make_lens
 from lens.cache import CacheKey, build_cache
+from lens.checkpoints import CHECKPOINTS, LENS_SUBDIR, latest_checkpoint
 from lens.config import LensConfig
 from lens.data.loader import (
     SYNTHETIC,
@@ -26,17 +27,7 @@ from lens.data.templates import format_question
 from lens.evaluation import EvalSplit
 from lens.model import TRAINABLE_PREFIXES
 from lens.tiny import build_tiny_models
-from lens.training import (
-    CHECKPOINTS,
-    FINAL,
-    LENS_SUBDIR,
-    LOG_NAME,
-    LoopOptions,
-    TrainData,
-    build_train_data,
-    latest_checkpoint,
-    train,
-)
+from lens.training import FINAL, LOG_NAME, LoopOptions, TrainData, build_train_data, train
 from lens.weights import WEIGHTS_NAME, save_lens_weights, strip_frozen_encoders
 
 LR, WARMUP, STEPS = 1e-3, 1, 4

@@ -4,26 +4,23 @@ Optimisation follows LISA as the paper says: AdamW (betas 0.9 / 0.95), linear wa
 steps, gradient accumulation, clipping at 1.0, bf16 autocast on GPU. Only the trainable parts (head,
 descriptor, [CLS] position, SAM mask decoder) reach the optimizer and the checkpoints.
 
-``output_dir`` holds ``checkpoints/step_XXXXXXX/`` (Accelerate state: trainable weights, optimizer,
-scheduler, RNG states, sampler position; plus ``lens/``, a loadable LENS checkpoint), ``checkpoints/latest``,
-``train_log.jsonl`` (losses and lr per step, validation metrics), ``val/step_XXXXXXX/`` (evaluation files)
-and, at the end, ``model/`` (``lens.weights.load_lens``). Checkpoints are written to a temporary folder
-and renamed, so a crash never leaves a half-written one behind ``latest``. Resuming restores every piece
-of state, so the resumed run takes exactly the steps the uninterrupted one would have.
+``output_dir`` holds ``checkpoints/`` (``lens.checkpoints``: resumable, written safely), ``train_log.jsonl``
+(losses and lr per step, validation metrics), ``val/step_XXXXXXX/`` (evaluation files) and, at the end,
+``model/`` (``lens.weights.load_lens``). Resuming restores every piece of state, so the resumed run takes
+exactly the steps the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -36,6 +33,14 @@ from lens.cache import (
     build_cache,
     finalize_cache,
     lens_inputs,
+)
+from lens.checkpoints import (
+    STEP_NAME,
+    TrainProgress,
+    keep_trainable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from lens.config import LensConfig
 from lens.data.loader import (
@@ -51,17 +56,15 @@ from lens.data.loader import (
 )
 from lens.data.mixing import MixtureSampler
 from lens.evaluation import EvalSplit, evaluate
-from lens.model import TRAINABLE_PREFIXES, LensModel
+from lens.model import LensModel
 from lens.reporting import REASON_SEG
 from lens.weights import build_lens, build_lens_for_cache, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS, LATEST, FINAL = "checkpoints", "latest", "model"
+FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
-LENS_SUBDIR = "lens"
-STEP_NAME = "step_{:07d}"
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
 LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
 VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
@@ -175,58 +178,6 @@ def cache_datasets(
     return out
 
 
-class _Progress:
-    """Checkpointed with Accelerate (``register_for_checkpointing``): the step and the sampler position."""
-
-    def __init__(self, batches: MixtureBatchSampler):
-        self.step, self.batches = 0, batches
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "batches": self.batches.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.batches.load_state_dict(state["batches"])
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    pointer = Path(output_dir) / CHECKPOINTS / LATEST
-    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
-
-
-def _keep_trainable(models: list, weights: list[dict[str, torch.Tensor]], _directory: str) -> None:
-    """Accelerate save hook: checkpoint the trainable tensors only (the frozen MLLM is referenced by id)."""
-    for state in weights:
-        for name in [n for n in state if not n.removeprefix("module.").startswith(TRAINABLE_PREFIXES)]:
-            del state[name]
-
-
-def _save_checkpoint(
-    accelerator: Accelerator, model: LensModel, step: int, output_dir: Path, keep: int
-) -> None:
-    root = output_dir / CHECKPOINTS
-    final, tmp = root / STEP_NAME.format(step), root / f".tmp_{STEP_NAME.format(step)}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    extra = (
-        {"exclude_frozen_parameters": True}
-        if accelerator.distributed_type == DistributedType.DEEPSPEED
-        else {}
-    )
-    accelerator.save_state(str(tmp), **extra)
-    if accelerator.is_main_process:
-        save_lens_weights(model, tmp / LENS_SUBDIR)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / f".{LATEST}").write_text(final.name)
-        (root / f".{LATEST}").replace(root / LATEST)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
-        logger.info("saved %s", final)
-    accelerator.wait_for_everyone()
-
-
 def _validate(
     model: LensModel,
     split: EvalSplit,
@@ -311,20 +262,14 @@ def train(
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_clipping=tc.max_grad_norm)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    progress = _Progress(batches)
+    progress = TrainProgress(batches)
     accelerator.register_for_checkpointing(progress)
-    accelerator.register_save_state_pre_hook(_keep_trainable)
+    accelerator.register_save_state_pre_hook(keep_trainable)
     unwrapped: LensModel = accelerator.unwrap_model(model)
 
     log_path = output_dir / LOG_NAME
     if start is not None:
-        strict = (
-            {"load_module_strict": False}
-            if accelerator.distributed_type == DistributedType.DEEPSPEED
-            else {"strict": False}
-        )
-        accelerator.load_state(str(start), **strict)
-        load_lens_weights(unwrapped, start / LENS_SUBDIR)  # checks every trainable tensor is there
+        load_checkpoint(accelerator, unwrapped, start)
         logger.info("resumed from %s at step %d", start, progress.step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +328,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         if progress.step % options.save_every == 0 or progress.step == stop:
-            _save_checkpoint(accelerator, unwrapped, progress.step, output_dir, options.keep_checkpoints)
+            save_checkpoint(accelerator, unwrapped, progress.step, output_dir, options.keep_checkpoints)
         if progress.step >= stop:
             break
     bar.close()
