@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import make_lens
 from lens.cache import CacheKey, build_cache
-from lens.data.loader import QueryDataset, SyntheticQueries
+from lens.config import DataConfig, LensConfig
+from lens.data.loader import QueryDataset, SyntheticQueries, build_eval_dataset
 from lens.data.reason_seg import ReasonSegDataset
 from lens.data.synthetic import SyntheticWorld, export_split
 from lens.evaluation import (
@@ -194,3 +195,16 @@ def test_evaluation_from_the_feature_cache_matches(lens, export_root, tmp_path):
         assert found[subset]["giou"] == pytest.approx(expected[subset]["giou"], abs=1e-4)
         assert found[subset]["ciou"] == pytest.approx(expected[subset]["ciou"], abs=1e-4)
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_synthetic_eval_scenes_picks_the_scenes_scored_and_keys_the_cache():
+    """data.synthetic_eval_scenes: the first N scenes' every query, None the whole split; caches record N."""
+    world = SyntheticWorld(seed=0, height=64, width=64, val_size=7)
+    per_scene = [len(scene.segmentation_queries()) for scene in world.split("val")]
+    for scenes, expected in ((3, sum(per_scene[:3])), (None, sum(per_scene)), (100, sum(per_scene))):
+        data = DataConfig(synthetic_seed=0, synthetic_eval_scenes=scenes)
+        assert len(build_eval_dataset(data, "synthetic", "val", world)) == expected
+    config = LensConfig(data=DataConfig(synthetic_seed=0, synthetic_eval_scenes=3))
+    assert CacheKey.from_config(config, "synthetic", "val", train=False).scenes == 3
+    assert CacheKey.from_config(config, "synthetic", "train", train=True).scenes is None
+    assert CacheKey.from_config(config, "reason_seg", "val", train=False).scenes is None

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lens.backbone import BackboneFeatures, first_of_each, shared_prefix_length
 from lens.config import LensConfig
-from lens.data.loader import ItemSource, Row
+from lens.data.loader import SYNTHETIC, ItemSource, Row
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
 from lens.geometry import ImageGeometry
 from lens.model import LensInputs, LensModel
@@ -65,6 +65,7 @@ class CacheKey:
     prompt_template: str  # see prompt_template_id
     dataset: str
     split: str
+    scenes: int | None = None  # a synthetic evaluation split's scene count (data.synthetic_eval_scenes)
 
     @classmethod
     def from_config(
@@ -72,7 +73,10 @@ class CacheKey:
     ) -> CacheKey:
         b, d = config.backbone, config.decoder
         template = prompt_template_id(train, seed)
-        return cls(b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split)
+        scenes = config.data.synthetic_eval_scenes if dataset == SYNTHETIC and not train else None
+        return cls(
+            b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split, scenes
+        )
 
     def check(self, found: dict[str, Any], where: str | Path) -> None:
         """Raise ``ValueError`` naming every field where ``found`` (a manifest's key) differs from this key."""

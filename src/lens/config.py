@@ -95,6 +95,7 @@ class DataConfig:
     """Where training / evaluation data live. Unset roots are skipped and the mixture renormalised."""
 
     synthetic_seed: int | None = None  # train and evaluate on the project's synthetic world instead
+    synthetic_eval_scenes: int | None = 100  # scenes of a synthetic val / test split scored (None: all)
     reason_seg_root: str | None = None  # contains train/ val/ test/ of ReasonSeg
     refer_root: str | None = None  # contains refcoco/ refcoco+/ refcocog/ refclef/ (REFER layout)
     coco_image_root: str | None = None  # COCO train2014 images for the refcoco family

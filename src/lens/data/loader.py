@@ -48,8 +48,6 @@ REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 TRAIN_SPLIT = "train"
 SEMANTIC_TRAIN_SPLIT = "training"  # ADE20K / Mapillary folder name of the training split
 ADE20K_CLASS_FILES = ("objectInfo150.txt", "ade20k_classes.json")  # the dataset's own, or LISA's
-# Scenes of a synthetic val / test split used for evaluation (about 12 queries each).
-SYNTHETIC_EVAL_SCENES = 100
 
 
 class DrawKey(NamedTuple):
@@ -92,7 +90,7 @@ class SyntheticScenes(Sequence[list[SegQuery]]):
 class SyntheticQueries(Sequence[SegQuery]):
     """Evaluation view of a synthetic split: every query of its first ``num_scenes`` scenes, one per item."""
 
-    def __init__(self, world: SyntheticWorld, split: str, num_scenes: int | None = SYNTHETIC_EVAL_SCENES):
+    def __init__(self, world: SyntheticWorld, split: str, num_scenes: int | None = None):
         self.scenes = world.split(split)
         self.held_out_pairs = world.held_out_pairs  # rows flag targets of these pairs (see QueryDataset.rows)
         n = len(self.scenes) if num_scenes is None else min(num_scenes, len(self.scenes))
@@ -288,7 +286,8 @@ def build_eval_dataset(
     if dataset == SYNTHETIC:
         if data.synthetic_seed is None and world is None:
             raise ValueError("the synthetic world needs data.synthetic_seed")
-        reader = SyntheticQueries(world or SyntheticWorld(seed=data.synthetic_seed), split)
+        world = world or SyntheticWorld(seed=data.synthetic_seed)
+        reader = SyntheticQueries(world, split, data.synthetic_eval_scenes)
     elif dataset == "reason_seg":
         if not data.reason_seg_root:
             raise ValueError("data.reason_seg_root is not set")
