@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +71,9 @@ def test_yaml_unknown_key_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("keypoints:\n  max_point: 8\n")
     with pytest.raises(ValueError, match=r"config.keypoints: unknown key\(s\) \['max_point'\]"):
         LensConfig.from_yaml(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name", ["synthetic.yaml", "synthetic-whole-splits.yaml", "train_llava7b.yaml"])
+def test_shipped_configs_load(name):
+    config = LensConfig.from_yaml(Path(__file__).parents[1] / "configs" / name)
+    assert config.data.synthetic_eval_scenes == (None if name == "synthetic-whole-splits.yaml" else 100)
