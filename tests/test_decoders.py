@@ -223,3 +223,74 @@ def test_select_gathers_rows_of_the_opaque_embedding(name):
     ):
         torch.testing.assert_close(got, full[[1, 1, 0]])
     assert np.isfinite(float(sum(e.sum() for e in (picked if isinstance(picked, tuple) else (picked,)))))
+
+
+# ----- through LENS: one training step, predict, and checkpoints that know their decoder ---------------------
+
+
+def make_lens_with(name: str):
+    from conftest import TINY_LAYER
+
+    from lens.backbone import LlavaBackbone
+    from lens.config import LensConfig
+    from lens.model import LensModel
+    from lens.tiny import TEST_WORDS, build_llava
+
+    config = LensConfig()
+    config.backbone.layer = TINY_LAYER
+    config.descriptor.num_heads = 4
+    config.decoder.name = name
+    llava, processor = build_llava(TEST_WORDS, seed=0)
+    decoder = make(name)
+    torch.manual_seed(0)
+    return LensModel(config, LlavaBackbone(llava, processor, layer=TINY_LAYER), decoder)
+
+
+LENS_IMAGES = [random_image(40, 60, 0), random_image(50, 30, 1)]
+LENS_TEXTS = ["segment the red ring", "where is the square ?"]
+
+
+def lens_masks() -> list[np.ndarray]:
+    first, second = np.zeros((40, 60), np.uint8), np.zeros((50, 30), np.uint8)
+    first[10:20, 5:30] = 1
+    second[:, :] = 1
+    return [first, second]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_lens_step_trains_exactly_the_saved_tensors_and_predicts(name):
+    model = make_lens_with(name)
+    model.train()
+    model.descriptor.global_only_prob = 0.0  # keypoint descriptions must take part in this step
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-30)
+    out = model(model.prepare(LENS_IMAGES, LENS_TEXTS, lens_masks()))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    saved = set(model.trainable_state_dict())
+    assert changed == saved
+    assert {n[len("decoder.") :] for n in saved if n.startswith("decoder.")} == set(
+        model.decoder.trainable_names()
+    )
+    assert [tuple(m.shape) for m in out.mask_logits] == [(40, 60), (50, 30)]
+
+    model.eval()
+    prediction = model.predict(LENS_IMAGES[1], "segment the red ring")
+    assert prediction.mask.shape == (50, 30) and prediction.mask.dtype == bool
+    embedded = model.embed_image(LENS_IMAGES[1])
+    again = model.predict(embedded, "segment the red ring")
+    np.testing.assert_array_equal(again.mask, prediction.mask)
+
+
+@pytest.mark.parametrize(("trained", "other"), [("sam", "sam2"), ("sam2", "sam_hq"), ("sam_hq", "sam")])
+def test_a_checkpoint_refuses_another_decoder(trained, other, tmp_path):
+    from lens.weights import load_lens_weights, save_lens_weights
+
+    save_lens_weights(make_lens_with(trained), tmp_path / "ckpt")
+    with pytest.raises(ValueError) as error:
+        load_lens_weights(make_lens_with(other), tmp_path / "ckpt")
+    message = str(error.value)
+    assert "\n" not in message and repr(trained) in message and repr(other) in message
+    load_lens_weights(make_lens_with(trained), tmp_path / "ckpt")  # its own decoder loads it

@@ -83,6 +83,13 @@ class Sam2Decoder(MaskDecoderBridge):
         """``Sam2ImageProcessor``: the image stretched to the square input, no padding."""
         return DecoderFrame.stretch(width, height, self.image_size)
 
+    def drop_image_encoder(self) -> None:
+        self.sam.vision_encoder = _DroppedImageEncoder()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sam.mask_decoder.parameters()).dtype
+
     def trainable_names(self) -> list[str]:
         """[CLS] position and, when it trains, the mask decoder less the parts that cannot reach the single mask
         (see ``__init__``): exactly the parameters left with ``requires_grad``."""
@@ -150,3 +157,8 @@ class Sam2Decoder(MaskDecoderBridge):
             settings.get("image_std", IMAGENET_DEFAULT_STD),
         )
         return cls(sam, processor, train_mask_decoder=train_mask_decoder).to(device)
+
+
+class _DroppedImageEncoder(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("SAM 2's image encoder was dropped: this LENS model reads cached image embeddings")
