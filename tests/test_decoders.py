@@ -294,3 +294,22 @@ def test_a_checkpoint_refuses_another_decoder(trained, other, tmp_path):
     message = str(error.value)
     assert "\n" not in message and repr(trained) in message and repr(other) in message
     load_lens_weights(make_lens_with(trained), tmp_path / "ckpt")  # its own decoder loads it
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_pretrained_reloads_a_saved_model(name, tmp_path):
+    decoder = make(name)
+    decoder.sam.save_pretrained(tmp_path / name)
+    decoder.processor.save_pretrained(tmp_path / name)
+    loaded = DECODERS[name].from_pretrained(str(tmp_path / name)).eval()
+    loaded.cls_position.data.copy_(decoder.cls_position.data)
+    image = random_image(30, 50, seed=8)
+    g = torch.Generator().manual_seed(3)
+    descriptions = torch.randn(1, 3, decoder.prompt_dim, generator=g)
+    points = torch.rand(1, 2, 2, generator=g) * decoder.image_size
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        ours = decoder(decoder.embed_images([image]), descriptions, points, valid)[0]
+        again = loaded(loaded.embed_images([image]), descriptions, points, valid)[0]
+    torch.testing.assert_close(again, ours)
+    assert loaded.frame(50, 30) == decoder.frame(50, 30)
