@@ -16,7 +16,6 @@ SPEC = LayerSpec(
     head_dim=8,
     intermediate_size=64,
     rms_norm_eps=1e-6,
-    rope_theta=10000.0,
 )
 
 
@@ -25,9 +24,12 @@ def _inputs(B=2, L=12, image=(2, 8), text_end=(12, 10)):
     hidden = torch.randn(B, L, SPEC.hidden_size)
     attention_mask = torch.arange(L)[None] < torch.tensor(text_end)[:, None]
     positions = torch.arange(L).expand(B, L)
-    image_span = torch.tensor([image] * B)
-    text_span = torch.stack([image_span[:, 1], torch.tensor(text_end)], 1)
-    return hidden, attention_mask, positions, image_span, text_span
+    image_positions = torch.arange(*image).expand(B, -1)  # (B, 6) cells of a 2 x 3 grid
+    text_span = torch.stack([torch.full((B,), image[1]), torch.tensor(text_end)], 1)
+    return hidden, attention_mask, positions, image_positions, text_span
+
+
+GRID = torch.tensor([2, 3])
 
 
 def test_layer_matches_hf_llama_decoder_layer():
@@ -45,7 +47,7 @@ def test_layer_matches_hf_llama_decoder_layer():
     mask = causal_mask(attention_mask, torch.float32)
     rope = LlamaRotaryEmbedding(config)(hidden, positions[:1])
     expected = hf_layer(hidden, attention_mask=mask, position_embeddings=rope)
-    rope = rotary(positions[:1], SPEC.head_dim, SPEC.rope_theta, torch.float32)
+    rope = rotary(positions[:1], SPEC.head_dim, SPEC.rope, torch.float32)
     for need_probs in (True, False):  # explicit probabilities (layer 1) and the fused kernel (layer 2)
         ours, probs, _ = head.layers[0](hidden, rope, mask, need_probs=need_probs)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -55,14 +57,23 @@ def test_layer_matches_hf_llama_decoder_layer():
 def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients():
     """Three prompts, the first and last on one image: running their shared first P tokens once per image
     must give what the plain forward gives, outputs and gradients alike."""
-    hidden, attention_mask, positions, image_span, text_span = _inputs(B=3, text_end=(12, 10, 11))
+    hidden, attention_mask, positions, image_positions, text_span = _inputs(B=3, text_end=(12, 10, 11))
     P = 8  # template (2 tokens) + 6 image tokens; the text starts here
     hidden[2, :P] = hidden[0, :P]  # same image, same template
     head = SegmentationHead(SPEC)
     outputs, grads = [], []
     for index, shared in ((None, 0), (torch.tensor([0, 1, 0]), P)):
         x = hidden.clone().requires_grad_()
-        out = head(x, attention_mask, positions, image_span, text_span, (2, 3), index, shared)
+        out = head(
+            x,
+            attention_mask,
+            positions,
+            image_positions,
+            GRID.expand(len(hidden), 2),
+            text_span,
+            index,
+            shared,
+        )
         real = attention_mask[..., None]
         loss = (out.hidden_states * real).square().sum() + out.attention_map.square().sum()
         head.zero_grad()
@@ -77,8 +88,8 @@ def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients():
 
 def test_attention_map_shape_range_and_normalisation():
     head = SegmentationHead(SPEC)
-    hidden, attention_mask, positions, image_span, text_span = _inputs()
-    out = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    hidden, attention_mask, positions, image_positions, text_span = _inputs()
+    out = head(hidden, attention_mask, positions, image_positions, GRID.expand(len(hidden), 2), text_span)
     assert out.attention_map.shape == (2, 2, 3) and out.hidden_states.shape == hidden.shape
     assert (out.attention_map >= 0).all() and (out.attention_map <= 1).all()
     torch.testing.assert_close(out.attention_map, out.attention_scores / 6)  # eq. 1: the plain mean
@@ -105,7 +116,7 @@ def test_text_to_image_attention_by_hand():
     probs[0, 0, 3] = torch.tensor([0.0, 0.2, 0.4, 0.4])
     probs[0, 1, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0])
     text_mask = torch.tensor([[False, False, True, True]])
-    got = text_to_image_attention(probs, torch.tensor([[0, 2]]), text_mask, 2)
+    got = text_to_image_attention(probs, torch.tensor([[0, 1]]), text_mask)
     # heads mean: row2 -> [0.75, 0.25], row3 -> [0, 0.1]; text mean -> [0.375, 0.175]
     torch.testing.assert_close(got, torch.tensor([[0.375, 0.175]]))
 
@@ -113,11 +124,11 @@ def test_text_to_image_attention_by_hand():
 def test_causal_mask_is_applied():
     """Changing a later token never changes A_c rows computed for earlier tokens, nor image features."""
     head = SegmentationHead(SPEC)
-    hidden, attention_mask, positions, image_span, text_span = _inputs(B=1, text_end=(12,))
-    out1 = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    hidden, attention_mask, positions, image_positions, text_span = _inputs(B=1, text_end=(12,))
+    out1 = head(hidden, attention_mask, positions, image_positions, GRID.expand(len(hidden), 2), text_span)
     changed = hidden.clone()
     changed[:, -1] += 5.0
-    out2 = head(changed, attention_mask, positions, image_span, text_span, (2, 3))
+    out2 = head(changed, attention_mask, positions, image_positions, GRID.expand(len(hidden), 2), text_span)
     torch.testing.assert_close(out1.hidden_states[:, :-1], out2.hidden_states[:, :-1])
     assert not torch.allclose(out1.hidden_states[:, -1], out2.hidden_states[:, -1])
     mask = causal_mask(attention_mask, torch.float32)[0, 0]
@@ -127,10 +138,10 @@ def test_causal_mask_is_applied():
 
 def test_padding_tokens_are_invisible():
     head = SegmentationHead(SPEC)
-    hidden, attention_mask, positions, image_span, text_span = _inputs(text_end=(12, 10))
-    out1 = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+    hidden, attention_mask, positions, image_positions, text_span = _inputs(text_end=(12, 10))
+    out1 = head(hidden, attention_mask, positions, image_positions, GRID.expand(len(hidden), 2), text_span)
     noisy = hidden.clone()
     noisy[1, 10:] = torch.randn(2, SPEC.hidden_size) * 100  # padding of sample 1
-    out2 = head(noisy, attention_mask, positions, image_span, text_span, (2, 3))
+    out2 = head(noisy, attention_mask, positions, image_positions, GRID.expand(len(hidden), 2), text_span)
     torch.testing.assert_close(out1.attention_map, out2.attention_map)
     torch.testing.assert_close(out1.hidden_states[1, :10], out2.hidden_states[1, :10])
