@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from transformers.models.sam2.processing_sam2 import Sam2Processor
 
+from conftest import TINY_LAYER, random_image
+from lens.backbone import LlavaBackbone
+from lens.config import LensConfig
 from lens.decoders import DECODERS
 from lens.decoders.sam import SamDecoder
 from lens.decoders.sam2 import Sam2Decoder
 from lens.decoders.sam_hq import SamHQDecoder
-from lens.tiny import build_sam
+from lens.model import LensModel
+from lens.tiny import TEST_WORDS, build_llava, build_sam
 from lens.tiny_decoders import build_sam2, build_sam_hq
-from conftest import random_image
+from lens.weights import load_lens_weights, save_lens_weights
 
 BUILDERS = {
     "sam": (SamDecoder, build_sam),
@@ -229,13 +233,6 @@ def test_select_gathers_rows_of_the_opaque_embedding(name):
 
 
 def make_lens_with(name: str):
-    from conftest import TINY_LAYER
-
-    from lens.backbone import LlavaBackbone
-    from lens.config import LensConfig
-    from lens.model import LensModel
-    from lens.tiny import TEST_WORDS, build_llava
-
     config = LensConfig()
     config.backbone.layer = TINY_LAYER
     config.descriptor.num_heads = 4
@@ -286,8 +283,6 @@ def test_one_lens_step_trains_exactly_the_saved_tensors_and_predicts(name):
 
 @pytest.mark.parametrize(("trained", "other"), [("sam", "sam2"), ("sam2", "sam_hq"), ("sam_hq", "sam")])
 def test_a_checkpoint_refuses_another_decoder(trained, other, tmp_path):
-    from lens.weights import load_lens_weights, save_lens_weights
-
     save_lens_weights(make_lens_with(trained), tmp_path / "ckpt")
     with pytest.raises(ValueError) as error:
         load_lens_weights(make_lens_with(other), tmp_path / "ckpt")
