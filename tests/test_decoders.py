@@ -234,7 +234,7 @@ def test_select_gathers_rows_of_the_opaque_embedding(name):
 
 def make_lens_with(name: str):
     config = LensConfig()
-    config.backbone.layer = TINY_LAYER
+    config.backbone.layer, config.backbone.dtype = TINY_LAYER, "float32"
     config.descriptor.num_heads = 4
     config.decoder.name = name
     llava, processor = build_llava(TEST_WORDS, seed=0)
@@ -308,3 +308,58 @@ def test_from_pretrained_reloads_a_saved_model(name, tmp_path):
         again = loaded(loaded.embed_images([image]), descriptions, points, valid)[0]
     torch.testing.assert_close(again, ours)
     assert loaded.frame(50, 30) == decoder.frame(50, 30)
+
+
+@pytest.mark.parametrize("name", ["sam_hq", "sam2"])
+def test_build_and_load_lens_through_local_directories(name, tmp_path):
+    """``DecoderConfig.name`` picks the decoder class that ``build_lens`` / ``load_lens`` load, offline."""
+    from lens.weights import build_lens, load_lens
+
+    llava, processor = build_llava(TEST_WORDS, seed=0)
+    llava.save_pretrained(tmp_path / "mllm")
+    processor.save_pretrained(tmp_path / "mllm")
+    decoder = make(name)
+    decoder.sam.save_pretrained(tmp_path / name)
+    decoder.processor.save_pretrained(tmp_path / name)
+    config = LensConfig()
+    config.backbone.model_id, config.backbone.layer, config.backbone.dtype = (
+        str(tmp_path / "mllm"),
+        2,
+        "float32",
+    )
+    config.decoder.name, config.decoder.model_id = name, str(tmp_path / name)
+    config.descriptor.num_heads = 4
+    model = build_lens(config).eval()
+    assert type(model.decoder) is DECODERS[name]
+    save_lens_weights(model, tmp_path / "ckpt")
+    loaded = load_lens(tmp_path / "ckpt").eval()
+    image = random_image(40, 60, 5)
+    a, b = model.predict(image, "segment the ring"), loaded.predict(image, "segment the ring")
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.mask.shape == (40, 60)
+
+
+@pytest.mark.parametrize("name", ["sam_hq", "sam2"])
+def test_cached_tuple_embeddings_give_the_same_outputs(name, tmp_path):
+    from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs, stack_cached
+    from lens.data.loader import QueryDataset
+    from lens.data.types import Sample
+
+    model = make_lens_with(name).eval()
+    masks = lens_masks()
+    items = [
+        [Sample(np.asarray(im), text, mask, source="toy", name=f"s{i}")]
+        for i, (im, text, mask) in enumerate(zip(LENS_IMAGES, LENS_TEXTS, masks, strict=True))
+    ]
+    dataset = QueryDataset(items, "toy", train=True, seed=3)
+    key = CacheKey.from_config(model.config, "toy", "train", train=True, seed=3)
+    build_cache(model, dataset, tmp_path, key, shard_size=1, batch_size=2)
+    rows = [row for i in range(2) for row in CachedDataset(tmp_path, key).rows(i)]
+    cached = stack_cached(rows)
+    direct = lens_inputs(model, [row for i in range(2) for row in dataset.rows(i)])
+    assert isinstance(cached.decoder_embeddings, tuple)
+    for got, want in zip(cached.decoder_embeddings, direct.decoder_embeddings, strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        for x, y in zip(model(cached).mask_logits, model(direct).mask_logits, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
