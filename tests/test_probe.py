@@ -183,7 +183,6 @@ def test_probe_recommends_the_layer_that_points():
     assert result.chance_pointing == pytest.approx(1 / 16) and result.chance_mass == pytest.approx(1 / 16)
 
 
-@pytest.mark.slow
 def test_cli_probes_a_saved_model_and_names_bad_data(tmp_path):
     llava, processor, _, _ = build_tiny_models(seed=0)
     llava.save_pretrained(tmp_path / "mllm")
