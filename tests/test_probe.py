@@ -121,6 +121,15 @@ def test_padding_cells_never_win():
     torch.testing.assert_close(scores.image_share, torch.tensor([0.5]))
 
 
+def test_layers_within_one_standard_error_of_the_best():
+    from lens.probe import ProbeResult
+
+    layers = [LayerScore(1, 0.10, 0.1, 0.9), LayerScore(2, 0.50, 0.2, 0.8), LayerScore(3, 0.46, 0.3, 0.4)]
+    # 100 queries: standard error of 0.5 is 0.05, so layer 3 (0.46) is within it, layer 1 is not
+    assert ProbeResult("m", "d", 100, layers, 0.0, 0.0).within_error == [2, 3]
+    assert ProbeResult("m", "d", 10_000, layers, 0.0, 0.0).within_error == [2]  # error 0.005
+
+
 def test_recommend_takes_pointing_then_mass():
     layers = [LayerScore(1, 0.5, 0.1, 0.9), LayerScore(2, 0.7, 0.2, 0.8), LayerScore(3, 0.7, 0.3, 0.4)]
     assert recommend(layers) == 3
@@ -175,7 +184,7 @@ def test_probe_recommends_the_layer_that_points():
         2, {"image": random_image(32, 32), "instruction": "nothing", "mask": np.zeros((32, 32), np.uint8)}
     )
     result = probe(OneLayerPoints(layers=5, good=3), rows, batch_size=4)
-    assert result.queries == 6 and result.recommended == 3
+    assert result.queries == 6 and result.recommended == 3 and result.within_error == [3]
     by_layer = {s.layer: s for s in result.layers}
     assert by_layer[3].pointing == 1.0 and by_layer[3].mass == pytest.approx(1.0)
     assert all(by_layer[k].pointing == 0.0 and by_layer[k].mass == pytest.approx(0.0) for k in (1, 2, 4, 5))

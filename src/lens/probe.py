@@ -13,7 +13,8 @@ attention, averaged over heads and over the prompt's text tokens exactly as eq. 
 * **image share**: how much of the text tokens' attention goes to image cells at all.
 
 Everything goes through the backbone interface (``Backbone.layer_attentions``), so every family is probed the
-same way. The recommended tap layer is the argmax of pointing, ties broken by mass.
+same way. The recommended tap layer is the argmax of pointing, ties broken by mass; the layers whose pointing
+is within one binomial standard error of the best are reported too, since the argmax among them is noise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,9 +52,14 @@ class ProbeResult:
     chance_mass: float  # mass of uniform attention (mean target area share of the image)
     seconds: float = 0.0
     recommended: int = field(init=False)
+    # layers whose pointing is within one binomial standard error sqrt(p (1 - p) / queries) of the best
+    within_error: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.recommended = recommend(self.layers)
+        best = max(s.pointing for s in self.layers)
+        error = math.sqrt(best * (1 - best) / max(self.queries, 1))
+        self.within_error = [s.layer for s in self.layers if s.pointing >= best - error - 1e-12]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -252,8 +259,11 @@ def print_table(result: ProbeResult, console) -> None:
     for column in ("layer", "pointing", "mass", "image share"):
         table.add_column(column, justify="right")
     for s in result.layers:
-        mark = " *" if s.layer == result.recommended else ""
+        mark = " *" if s.layer == result.recommended else " ~" if s.layer in result.within_error else ""
         table.add_row(f"{s.layer}{mark}", f"{s.pointing:.3f}", f"{s.mass:.3f}", f"{s.image_share:.3f}")
     table.add_row("chance", f"{result.chance_pointing:.3f}", f"{result.chance_mass:.3f}", "", style="dim")
     console.print(table)
-    console.print(f"recommended tap layer: {result.recommended} (* ; {result.seconds:.0f} s)")
+    console.print(
+        f"recommended tap layer: {result.recommended} (*); within one standard error of its pointing (~): "
+        f"{', '.join(map(str, result.within_error))}; {result.seconds:.0f} s"
+    )
