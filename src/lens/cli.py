@@ -175,6 +175,37 @@ def cache(
     _run(job)
 
 
+@app.command("probe")
+def probe_layers(
+    model: Annotated[
+        str, typer.Argument(help="frozen MLLM: hub id, directory or lens: asset (lens:synthetic/mllm)")
+    ],
+    data: Annotated[
+        str, typer.Option(help="dataset/split whose target queries are probed")
+    ] = "synthetic/val",
+    limit: Annotated[int | None, typer.Option(help="queries with a target to score")] = 200,
+    backbone: Annotated[str, typer.Option(help="backbone family (lens.backbone.BACKBONES key)")] = "llava",
+    config: Annotated[Path | None, typer.Option(help="LensConfig YAML saying where datasets are")] = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "cpu",
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON instead")] = False,
+) -> None:
+    """How well each layer's own text->image attention points at the target; recommends a tap layer."""
+
+    def job() -> None:
+        from lens.probe import print_table, run_probe
+
+        data_config = None if config is None else _config(config).data
+        result = run_probe(model, data, limit, backbone, data_config, batch_size, dtype, device)
+        if json_output:
+            typer.echo(result.to_json())
+        else:
+            print_table(result, Console())
+
+    _run(job)
+
+
 @app.command("export-world")
 def export_world(
     out: Annotated[Path, typer.Argument(help="directory to write {split}/<name>.jpg + .json into")],

@@ -200,6 +200,41 @@ class Backbone(nn.Module):
         """Answer in text with the untouched MLLM (dialogue and follow-ups in the agent)."""
         raise NotImplementedError
 
+    def layer_attentions(
+        self, images: Sequence[Image.Image], instructions: Sequence[str], **encode_kwargs: object
+    ) -> tuple[BackboneFeatures, list[Tensor]]:
+        """``encode`` through the LAST decoder layer, plus every layer's own attention probabilities averaged
+        over heads: one (B, Lq, L) tensor per layer, rows = the last Lq positions (all L unless a shared
+        prefix ran from a cache). For ``lens probe``; needs ``decoder_layers`` and eager attention (switched on
+        here, restored after), which every Hugging Face decoder family supports.
+        """
+        from transformers import PreTrainedModel
+
+        layers = self.decoder_layers
+        model = next(m for m in self.modules() if isinstance(m, PreTrainedModel))
+        captured: dict[int, Tensor] = {}
+
+        def record(index: int) -> Callable[..., None]:
+            def hook(_module: nn.Module, _args: tuple, output: tuple) -> None:
+                if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                    raise RuntimeError(f"decoder layer {index + 1}'s attention returned no weights")
+                captured[index] = output[1].float().mean(1)  # (B, Lq, L); a cached 2nd pass overwrites
+
+            return hook
+
+        previous, k = model.config._attn_implementation, self.layer
+        handles = [layer.self_attn.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+        try:
+            model.set_attn_implementation("eager")
+            self.layer = len(layers)
+            features = self.encode(images, instructions, **encode_kwargs)
+        finally:
+            self.layer = k
+            model.set_attn_implementation(previous)
+            for handle in handles:
+                handle.remove()
+        return features, [captured[i] for i in range(len(layers))]
+
     def train(self, mode: bool = True) -> Backbone:
         # Frozen means frozen: dropout and friends stay in eval mode whatever the caller asks.
         return super().train(False)

@@ -7,8 +7,14 @@ import torch
 from lens.config import DecoderConfig
 from lens.decoders.base import ImageEmbeddings, MaskDecoderBridge
 from lens.decoders.sam import SamDecoder
+from lens.decoders.sam2 import Sam2Decoder
+from lens.decoders.sam_hq import SamHQDecoder
 
-DECODERS: dict[str, type[MaskDecoderBridge]] = {"sam": SamDecoder}
+DECODERS: dict[str, type[MaskDecoderBridge]] = {
+    "sam": SamDecoder,  # facebook/sam-vit-{base,large,huge}
+    "sam_hq": SamHQDecoder,  # syscv-community/sam-hq-vit-{base,large,huge}
+    "sam2": Sam2Decoder,  # facebook/sam2.1-hiera-{tiny,small,base-plus,large} (image mode)
+}
 
 
 def load_decoder(config: DecoderConfig, device: str | torch.device = "cpu") -> MaskDecoderBridge:
@@ -23,4 +29,12 @@ def load_decoder(config: DecoderConfig, device: str | torch.device = "cpu") -> M
     )
 
 
-__all__ = ["DECODERS", "ImageEmbeddings", "MaskDecoderBridge", "SamDecoder", "load_decoder"]
+__all__ = [
+    "DECODERS",
+    "ImageEmbeddings",
+    "MaskDecoderBridge",
+    "Sam2Decoder",
+    "SamDecoder",
+    "SamHQDecoder",
+    "load_decoder",
+]

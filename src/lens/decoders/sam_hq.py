@@ -1,0 +1,105 @@
+"""SAM-HQ behind the decoder contract: SAM with a high-quality output token (Ke et al., NeurIPS 2023).
+
+SAM-HQ keeps SAM's image encoder, prompt encoder and frame (longest side + pad) and adds, in its mask decoder, an
+HQ output token whose mask is computed from the decoder's features fused with *early* ViT features (the output of
+the first global-attention block). Its image embedding is therefore a pair, opaque to the rest of LENS. LENS's
+single mask is SAM's single-mask output plus the HQ mask (``hq_token_only=False``, SAM-HQ's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import SamHQModel, SamHQProcessor
+
+from lens.decoders.sam import SamDecoder
+
+
+class SamHQDecoder(SamDecoder):
+    """Hugging Face ``SamHQModel`` (e.g. ``syscv-community/sam-hq-vit-huge``) driven by LENS prompts.
+
+    Prompting (descriptions as point labels, SAM's point encoding and padding point, a learned [CLS] position
+    for f_s), the frame and the frozen parts are SAM's. The trainable tensors are SAM's plus SAM-HQ's additions
+    (HQ token, its hypernetwork, the feature-fusion convolutions): all reach the single mask.
+
+    Arguments:
+        sam: the SAM-HQ model; its image encoder and prompt encoder are frozen here.
+        processor: its ``SamHQProcessor``.
+        train_mask_decoder: whether the mask decoder is fine-tuned with the head.
+    """
+
+    name: ClassVar[str] = "sam_hq"
+
+    def __init__(self, sam: SamHQModel, processor: SamHQProcessor, train_mask_decoder: bool = True):
+        super().__init__(sam, processor, train_mask_decoder=train_mask_decoder)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
+        """(image embeddings (B, d_s, h, w), early ViT features (B, h, w, d_vit)): once per image, cacheable.
+
+        Only the first global block's output is kept: it is the only intermediate SAM-HQ's decoder reads. Both are
+        returned as ordinary tensors (cloned outside inference mode): the HQ fusion convolutions that train take
+        them as inputs, and autograd cannot save inference tensors.
+        """
+        embeddings, vit_features = self._encode(images)
+        return embeddings.clone(), vit_features.clone()
+
+    @torch.inference_mode()
+    def _encode(self, images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
+        dtype = self.sam.vision_encoder.patch_embed.projection.weight.dtype
+        embeddings, intermediate = self.sam.get_image_embeddings(pixels.to(self.device, dtype))
+        return embeddings, intermediate[0]
+
+    def forward(
+        self,
+        embeddings: tuple[Tensor, Tensor],  # (B, d_s, h, w), (B, h, w, d_vit)
+        descriptions: Tensor,  # (B, 1 + m, d_s) global description first
+        points: Tensor,  # (B, m, 2) x, y in decoder input pixels (continuous)
+        valid: Tensor,  # (B, m) bool
+    ) -> tuple[Tensor, Tensor]:
+        """Returns low-resolution mask logits (B, 4h, 4w) and SAM's predicted IoU (B,)."""
+        sam = self.sam
+        image_embeddings, vit_features = embeddings
+        B = descriptions.shape[0]
+        # Continuous coordinates (pixel centres at +0.5): no extra half-pixel shift, as in SamDecoder.
+        positions = sam.shared_image_embedding(points / self.image_size)  # (B, m, d_s)
+        keypoint_prompts = descriptions[:, 1:] + positions.to(descriptions.dtype)
+        padding = sam.prompt_encoder.not_a_point_embed.weight.to(descriptions.dtype)  # (1, d_s)
+        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
+        global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
+        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
+
+        h, w = image_embeddings.shape[-2:]
+        dtype = image_embeddings.dtype
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
+        masks, iou = sam.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=image_pe.to(dtype),
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=False,
+            hq_token_only=False,
+            intermediate_embeddings=[vit_features],
+        )
+        return masks[:, 0, 0], iou[:, 0, 0]  # (B, 4h, 4w), (B,)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        train_mask_decoder: bool = True,
+    ) -> SamHQDecoder:
+        """SAM-HQ from a hub id (``syscv-community/sam-hq-vit-{base,large,huge}``) or a local directory."""
+        sam = SamHQModel.from_pretrained(model_id, revision=revision, dtype=dtype).to(device).eval()
+        processor = SamHQProcessor.from_pretrained(model_id, revision=revision)
+        return cls(sam, processor, train_mask_decoder=train_mask_decoder).to(device)
