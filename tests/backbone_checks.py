@@ -1,0 +1,173 @@
+"""Checks every backbone adapter must pass, run by tests/test_backbone_<family>.py on tiny random models.
+
+References are the transformers model itself (its ``hidden_states[k]``, the inputs it feeds its decoder, the
+position ids its rotary embedding receives) and pixel content: ``paint_ramp`` colours each original pixel by
+its own (x, y), and ``colour_vision`` swaps the vision tower for one that emits each patch's mean colour, so
+the feature the model scatters into a grid cell's token says where on the original image that cell is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from lens.backbone.hf import HFBackbone
+
+PROMPTS = ["segment the red ring", "what colour is the square ?", "where is the ring"]
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def paint_ramp(width: int, height: int) -> Image.Image:
+    """R = 255 * (x + 0.5) / W and G = 255 * (y + 0.5) / H at pixel centre (x + 0.5, y + 0.5); B = 255."""
+    x = (np.arange(width) + 0.5) / width * 255
+    y = (np.arange(height) + 0.5) / height * 255
+    rgb = np.stack(np.broadcast_arrays(x[None, :], y[:, None], np.full((1, 1), 255.0)), -1)
+    return Image.fromarray(np.round(rgb).astype(np.uint8))
+
+
+def decode_ramp(rgb: Tensor, width: int, height: int) -> Tensor:
+    """(..., >=2) de-normalised colour in [0, 255] -> (..., 2) original-pixel (x, y) the ramp put there."""
+    return torch.stack([rgb[..., 0] / 255 * width, rgb[..., 1] / 255 * height], -1)
+
+
+def full_forward(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
+    """The untouched model on the adapter's inputs: all hidden states, the embeddings its decoder got and
+    the position ids its rotary embedding got (nothing passed but the processor's outputs)."""
+    inputs = backbone._inputs(images, texts)
+    seen: dict = {}
+    lm = backbone.model.model.language_model
+
+    def grab_embeds(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    def grab_positions(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["position_ids"] = (args[1] if len(args) > 1 else kwargs["position_ids"]).detach().clone()
+
+    handles = [
+        lm.register_forward_pre_hook(grab_embeds, with_kwargs=True),
+        lm.rotary_emb.register_forward_pre_hook(grab_positions, with_kwargs=True),
+    ]
+    try:
+        with torch.inference_mode():
+            out = backbone.model(**inputs, output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {**seen, "hidden_states": out.hidden_states, "logits": out.logits, "inputs": inputs}
+
+
+def check_early_exit(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+    """Early-exit states equal the full model's hidden_states[k] on every real token; positions are the
+    model's own."""
+    features = backbone.encode(images, texts)
+    full = full_forward(backbone, images, texts)
+    mask = features.attention_mask
+    reference = full["hidden_states"][backbone.layer]  # (B, L, d): [0] is the embeddings
+    torch.testing.assert_close(features.hidden_states[mask], reference[mask], rtol=1e-5, atol=1e-5)
+    positions = full["position_ids"]
+    if positions.dim() == 3 and features.position_ids.dim() == 2:
+        positions = positions[0]
+    expected = positions.expand_as(features.position_ids)
+    # padding positions are arbitrary; real tokens must agree exactly
+    real = mask if expected.dim() == 2 else mask.expand(expected.shape[0], -1, -1)
+    assert torch.equal(features.position_ids[real], expected[real])
+
+
+def check_scattered_features(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+    """image_positions are image-placeholder tokens holding vision features; text tokens hold none; the
+    prompts' other image tokens (base view, newlines, thumbnail) are outside both."""
+    features = backbone.encode(images, texts)
+    full = full_forward(backbone, images, texts)
+    input_ids = full["inputs"]["input_ids"]
+    embeds = full["inputs_embeds"]  # (B, L, d) what the decoder got
+    plain = backbone.model.get_input_embeddings()(input_ids)  # token embeddings, no vision features
+    for b in range(len(images)):
+        gh, gw = features.grid_sizes[b].tolist()
+        cells = features.image_positions[b, : gh * gw]
+        assert (features.image_positions[b, gh * gw :] == -1).all()
+        assert len(set(cells.tolist())) == gh * gw
+        assert (input_ids[b, cells] == backbone.image_token_id).all()
+        assert not torch.allclose(embeds[b, cells], plain[b, cells])  # vision features were scattered there
+        start, end = features.text_span[b].tolist()
+        assert cells.max() < start and end == int(features.attention_mask[b].sum())
+        assert (input_ids[b, start:end] != backbone.image_token_id).all()
+        assert features.answer_index[b] == end - 1
+
+
+@contextmanager
+def colour_vision(backbone: HFBackbone, install: Callable[[HFBackbone], Callable[[], None]]) -> Iterator[None]:
+    """Run ``install`` (which swaps the family's vision modules for colour-emitting ones and returns an undo)."""
+    undo = install(backbone)
+    try:
+        yield
+    finally:
+        undo()
+
+
+def patch_colours(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(..., 3, h, w) normalised pixels -> (..., 3) mean colour in [0, 255]."""
+    m = torch.tensor(mean, dtype=pixels.dtype)
+    s = torch.tensor(std, dtype=pixels.dtype)
+    return (pixels.mean((-1, -2)) * s + m) * 255
+
+
+def embed_colour(colour: Tensor, width: int) -> Tensor:
+    """(..., 3) -> (..., width): the colour in the first three channels (what the stub projector emits)."""
+    return F.pad(colour, (0, width - colour.shape[-1]))
+
+
+def check_cells_see_their_pixels(
+    backbone: HFBackbone,
+    install: Callable[[HFBackbone], Callable[[], None]],
+    sizes: Sequence[tuple[int, int]],
+    tolerance: float,
+) -> None:
+    """With a colour-emitting vision tower, the feature in grid cell n's token decodes (through the ramp) to
+    the original pixel the frame puts cell n's centre at, for every cell that lies inside the image."""
+    images = [paint_ramp(w, h) for w, h in sizes]
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
+    features = backbone.encode(images, texts)
+    with colour_vision(backbone, install):
+        embeds = full_forward(backbone, images, texts)["inputs_embeds"]
+    for b, (w, h) in enumerate(sizes):
+        frame = features.geometries[b].grid
+        gh, gw = frame.grid_h, frame.grid_w
+        assert features.grid_sizes[b].tolist() == [gh, gw]
+        cells = features.image_positions[b, : gh * gw]
+        seen = decode_ramp(embeds[b, cells, :3].float(), w, h).view(gh, gw, 2)
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        centres = frame.grid_to_image(torch.stack([xs, ys], -1).float())  # (gh, gw, 2)
+        # cells whose footprint is on the image (the others hold padding colour)
+        half = torch.tensor([frame.cell_w, frame.cell_h]) / 2
+        inside = ((centres - half >= -1e-3) & (centres + half <= torch.tensor([w, h]) + 1e-3)).all(-1)
+        assert inside.sum() >= gh * gw // 2, f"too few cells on the {w}x{h} image"
+        error = (seen - centres).abs()[inside].max()
+        print(f"{w}x{h} grid {gh}x{gw}: max error {error:.3f} px")
+        assert error <= tolerance, f"{w}x{h}: a cell's pixels are {error:.2f} px from where its frame puts it"
+
+
+def check_round_trip(frame_of: Callable[[int, int], object], sizes: Sequence[tuple[int, int]]) -> None:
+    """original -> grid -> original is the identity, and the grid covers the whole image."""
+    for w, h in sizes:
+        frame = frame_of(w, h)
+        points = torch.rand(64, 2, generator=torch.Generator().manual_seed(w * h)) * torch.tensor([w, h])
+        torch.testing.assert_close(frame.grid_to_image(frame.image_to_grid(points)), points)
+        corners = frame.image_to_grid(torch.tensor([[0.0, 0.0], [float(w), float(h)]]))
+        assert (corners[0] >= -0.5 - 1e-4).all() or frame.origin_x < 0 or frame.origin_y < 0
+        # the grid's extent covers the image to within one cell (unpadding rounds to whole cells)
+        x0, y0 = frame.origin_x, frame.origin_y
+        x1, y1 = x0 + frame.grid_w * frame.cell_w, y0 + frame.grid_h * frame.cell_h
+        assert x0 <= frame.cell_w and y0 <= frame.cell_h
+        assert x1 >= w - frame.cell_w and y1 >= h - frame.cell_h
+        assert frame.valid_cells().all() or x0 < 0 or y0 < 0 or x1 > w or y1 > h
