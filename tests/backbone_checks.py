@@ -151,7 +151,7 @@ def check_cells_see_their_pixels(
         # cells whose footprint is on the image (the others hold padding colour)
         half = torch.tensor([frame.cell_w, frame.cell_h]) / 2
         inside = ((centres - half >= -1e-3) & (centres + half <= torch.tensor([w, h]) + 1e-3)).all(-1)
-        assert inside.sum() >= gh * gw // 2, f"too few cells on the {w}x{h} image"
+        assert inside.sum() >= max(1, gh * gw // 3), f"too few cells on the {w}x{h} image"
         error = (seen - centres).abs()[inside].max()
         print(f"{w}x{h} grid {gh}x{gw}: max error {error:.3f} px")
         assert error <= tolerance, f"{w}x{h}: a cell's pixels are {error:.2f} px from where its frame puts it"
@@ -163,8 +163,6 @@ def check_round_trip(frame_of: Callable[[int, int], object], sizes: Sequence[tup
         frame = frame_of(w, h)
         points = torch.rand(64, 2, generator=torch.Generator().manual_seed(w * h)) * torch.tensor([w, h])
         torch.testing.assert_close(frame.grid_to_image(frame.image_to_grid(points)), points)
-        corners = frame.image_to_grid(torch.tensor([[0.0, 0.0], [float(w), float(h)]]))
-        assert (corners[0] >= -0.5 - 1e-4).all() or frame.origin_x < 0 or frame.origin_y < 0
         # the grid's extent covers the image to within one cell (unpadding rounds to whole cells)
         x0, y0 = frame.origin_x, frame.origin_y
         x1, y1 = x0 + frame.grid_w * frame.cell_w, y0 + frame.grid_h * frame.cell_h
