@@ -54,9 +54,15 @@ def full_forward(backbone: HFBackbone, images: Sequence[Image.Image], texts: Seq
     def grab_positions(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         seen["position_ids"] = (args[1] if len(args) > 1 else kwargs["position_ids"]).detach().clone()
 
+    layer_inputs: list[Tensor] = []
+
+    def grab_layer_input(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer_inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
     handles = [
         lm.register_forward_pre_hook(grab_embeds, with_kwargs=True),
         lm.rotary_emb.register_forward_pre_hook(grab_positions, with_kwargs=True),
+        *(layer.register_forward_pre_hook(grab_layer_input, with_kwargs=True) for layer in lm.layers),
     ]
     try:
         with torch.inference_mode():
@@ -64,16 +70,29 @@ def full_forward(backbone: HFBackbone, images: Sequence[Image.Image], texts: Seq
     finally:
         for h in handles:
             h.remove()
-    return {**seen, "hidden_states": out.hidden_states, "logits": out.logits, "inputs": inputs}
+    return {
+        **seen,
+        "hidden_states": out.hidden_states,  # [k]: output of decoder layer k
+        "layer_inputs": layer_inputs,  # [k]: input of decoder layer k + 1 (0-based k)
+        "logits": out.logits,
+        "inputs": inputs,
+    }
+
+
+def residual_after(backbone: HFBackbone, full: dict, k: int) -> Tensor:
+    """The full model's residual stream after layer k: layer k + 1's input where the family taps that."""
+    if backbone.tap_next_input and k < len(full["layer_inputs"]):
+        return full["layer_inputs"][k]
+    return full["hidden_states"][k]
 
 
 def check_early_exit(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
-    """Early-exit states equal the full model's hidden_states[k] on every real token; positions are the
-    model's own."""
+    """Early-exit states equal the full model's hidden_states[k] (or layer k + 1's input, where the family
+    taps that) on every real token; positions are the model's own."""
     features = backbone.encode(images, texts)
     full = full_forward(backbone, images, texts)
     mask = features.attention_mask
-    reference = full["hidden_states"][backbone.layer]  # (B, L, d): [0] is the embeddings
+    reference = residual_after(backbone, full, backbone.layer)  # (B, L, d)
     torch.testing.assert_close(features.hidden_states[mask], reference[mask], rtol=1e-5, atol=1e-5)
     positions = full["position_ids"]
     if positions.dim() == 3 and features.position_ids.dim() == 2:
@@ -169,3 +188,72 @@ def check_round_trip(frame_of: Callable[[int, int], object], sizes: Sequence[tup
         assert x0 <= frame.cell_w and y0 <= frame.cell_h
         assert x1 >= w - frame.cell_w and y1 >= h - frame.cell_h
         assert frame.valid_cells().all() or x0 < 0 or y0 < 0 or x1 > w or y1 > h
+
+
+def box_mask(width: int, height: int, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def check_train_and_predict(backbone: HFBackbone) -> None:
+    """One training step and ``predict`` through the shared head / keypoints / descriptor / SAM code, on a
+    batch whose two images have different grids; the frozen MLLM's logits are bit-identical afterwards."""
+    from lens.config import LensConfig
+    from lens.decoders import SamDecoder
+    from lens.model import LensModel
+    from lens.tiny import build_sam
+
+    images = [random_image(40, 24, seed=0), random_image(24, 56, seed=1)]
+    masks = [box_mask(40, 24, 5, 4, 30, 20), box_mask(24, 56, 0, 10, 24, 40)]
+    probe = [random_image(33, 47, seed=2)], PROMPTS[:1]
+    logits_before = full_forward(backbone, *probe)["logits"]
+    state_before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+
+    config = LensConfig()
+    config.backbone.layer = backbone.layer
+    config.descriptor.num_heads = 4
+    sam, sam_processor = build_sam()
+    torch.manual_seed(0)
+    lens = LensModel(config, backbone, SamDecoder(sam, sam_processor))
+    optimizer = torch.optim.AdamW([p for p in lens.parameters() if p.requires_grad], lr=1e-2)
+    lens.train()
+    out = lens(lens.prepare(images, PROMPTS[:2], masks))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    optimizer.step()
+    features = backbone.encode(images, PROMPTS[:2])
+    gh, gw = features.max_grid
+    assert out.attention_map.shape == (2, gh, gw)
+    assert [tuple(m.shape) for m in out.mask_logits] == [(24, 40), (56, 24)]
+
+    prediction = lens.predict(images[1], PROMPTS[0])
+    assert prediction.mask.shape == (56, 24) and prediction.mask.dtype == bool
+    points = torch.as_tensor(prediction.keypoints)
+    assert len(points) >= 1
+    assert (points >= 0).all() and (points[:, 0] <= 24).all() and (points[:, 1] <= 56).all()
+
+    assert not backbone.model.training
+    for k, v in backbone.model.state_dict().items():
+        assert torch.equal(v, state_before[k]), k
+    assert torch.equal(full_forward(backbone, *probe)["logits"], logits_before)
+
+
+def check_head_mirrors_next_layer(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+    """A head layer built from ``layer_spec`` and loaded with ``decoder_layer_state(k + 1)``, run on the
+    tapped states with the tapped position ids, reproduces the model's own layer k + 1: the head mirrors
+    the family's RoPE kind, biases and q/k norm exactly."""
+    from lens.head import HeadLayer, causal_mask, rotary
+
+    features = backbone.encode(images, texts)
+    full = full_forward(backbone, images, texts)
+    spec = backbone.layer_spec()
+    layer = HeadLayer(spec)
+    layer.load_state_dict(backbone.decoder_layer_state(backbone.layer + 1))
+    x = features.hidden_states
+    rope = rotary(features.position_ids, spec.head_dim, spec.rope, x.dtype)
+    with torch.no_grad():
+        out, _, _ = layer(x, rope, causal_mask(features.attention_mask, x.dtype))
+    mask = features.attention_mask
+    reference = full["hidden_states"][backbone.layer + 1]
+    torch.testing.assert_close(out[mask], reference[mask], rtol=1e-4, atol=1e-4)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from backbone_checks import (
+    check_head_mirrors_next_layer,
+    check_train_and_predict,
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
@@ -113,3 +115,12 @@ def test_layer_spec_and_state(backbone):
 def test_generate_answers_in_text(backbone):
     answers = backbone.generate([random_image(40, 24)], PROMPTS[:1], max_new_tokens=3)
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
+
+
+def test_head_layer_from_the_backbone_reproduces_its_next_layer(backbone):
+    images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[1:4])]
+    check_head_mirrors_next_layer(backbone, images, PROMPTS)
+
+
+def test_training_step_and_predict_leave_the_mllm_untouched(backbone):
+    check_train_and_predict(backbone)

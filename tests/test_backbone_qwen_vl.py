@@ -7,6 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from backbone_checks import (
+    check_head_mirrors_next_layer,
+    check_train_and_predict,
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
@@ -55,12 +57,20 @@ def test_early_exit_equals_full_model_on_a_batch_mixing_grid_sizes(backbone):
 
 
 def test_deepstack_is_in_the_tapped_states():
-    """Qwen3-VL adds deepstack features to the visual tokens of layers 1..2: the layer-2 states must differ
-    from a run with them switched off, and equal the full model's (checked above)."""
+    """Qwen3-VL adds deepstack features to the visual tokens after its layers 1 and 2 (tiny config): at k = 2
+    the tapped states are layer 2's output plus them (= layer 3's input), and differ from a run without them;
+    at k = 3, past the deepstack layers, they are plain hidden_states[3]."""
     model, processor = build_qwen3_vl()
     backbone = Qwen3VLBackbone(model, processor, layer=2)
     images, texts = [random_image(40, 24)], PROMPTS[:1]
     with_deepstack = backbone.encode(images, texts).hidden_states
+    full = full_forward(backbone, images, texts)
+    torch.testing.assert_close(with_deepstack, full["layer_inputs"][2])
+    visual = full["inputs"]["input_ids"] == backbone.image_token_id  # (1, L)
+    assert not torch.allclose(with_deepstack[visual], full["hidden_states"][2][visual])
+    torch.testing.assert_close(with_deepstack[~visual], full["hidden_states"][2][~visual])
+    later = Qwen3VLBackbone(model, processor, layer=3).encode(images, texts).hidden_states
+    torch.testing.assert_close(later, full["hidden_states"][3])
     lm = model.model.language_model
 
     def drop(_m: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -151,3 +161,12 @@ def test_layer_spec_mirrors_the_decoder_layer(backbone):
 def test_generate_answers_in_text(backbone):
     answers = backbone.generate([random_image(40, 24)], PROMPTS[:1], max_new_tokens=3)
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
+
+
+def test_head_layer_from_the_backbone_reproduces_its_next_layer(backbone):
+    images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[1:4])]
+    check_head_mirrors_next_layer(backbone, images, PROMPTS)
+
+
+def test_training_step_and_predict_leave_the_mllm_untouched(backbone):
+    check_train_and_predict(backbone)

@@ -13,7 +13,7 @@ any-resolution packing) is exactly what the head sees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +35,32 @@ from lens.backbone.base import (
 from lens.geometry import GridFrame
 
 
+class _Tapped(Exception):
+    def __init__(self, hidden_states: Tensor):
+        super().__init__()
+        self.hidden_states = hidden_states
+
+
+def run_until_input_of(forward: Callable[..., object], layer: nn.Module, **inputs: Tensor) -> Tensor:
+    """Call ``forward(**inputs)`` and return the hidden states handed to ``layer``, stopping before it runs.
+
+    For stacks that change the residual stream between layers (Qwen3-VL adds deepstack features after each
+    of its first layers), the input of layer k + 1 is what the head's mirrored layers must see.
+    """
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _Tapped(args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward(**inputs)
+    except _Tapped as stop:
+        return stop.hidden_states
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(layer).__name__} was never called during the forward pass")
+
+
 @dataclass
 class ImageLayout:
     """Where one prompt's image grid lives: cell n (row-major over (grid_h, grid_w)) is token ``positions[n]``."""
@@ -49,6 +75,9 @@ class HFBackbone(Backbone):
 
     model_class: ClassVar[type[PreTrainedModel]]
     DEFAULT_LAYER_FRACTION: ClassVar[float]
+    # Tap the input of layer k + 1 instead of the output of layer k (they differ when the stack adds to the
+    # residual stream between layers); the last layer's output is tapped when k is the last layer.
+    tap_next_input: ClassVar[bool] = False
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, layer: int | None = None):
         super().__init__()
@@ -157,12 +186,7 @@ class HFBackbone(Backbone):
         grids = [lay.frame for lay in layouts]
         position_ids = self.position_ids(inputs)  # (B, L) or (3, B, L)
         with torch.inference_mode():
-            hidden = run_until(
-                self.model.model,
-                self.decoder_layers[self.layer - 1],
-                **self._model_inputs(inputs, position_ids),
-                use_cache=False,
-            )
+            hidden = self._run(self._model_inputs(inputs, position_ids))
         return BackboneFeatures(
             hidden_states=hidden.clone(),  # clone: inference-mode tensors cannot enter autograd
             attention_mask=attention_mask.clone(),
@@ -175,6 +199,14 @@ class HFBackbone(Backbone):
             image_index=unique_images(images)[1].to(input_ids.device),
             shared_length=0,  # every prompt runs whole: correct for every family (see the family modules)
         )
+
+    def _run(self, model_inputs: dict[str, Tensor]) -> Tensor:
+        """(B, L, d): the residual stream after decoder layer k, from the full forward stopped there."""
+        if self.tap_next_input and self.layer < len(self.decoder_layers):
+            return run_until_input_of(
+                self.model.model, self.decoder_layers[self.layer], **model_inputs, use_cache=False
+            )
+        return run_until(self.model.model, self.decoder_layers[self.layer - 1], **model_inputs, use_cache=False)
 
     def layer_spec(self) -> LayerSpec:
         c = self.text_config(self.model)

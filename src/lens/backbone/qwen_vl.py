@@ -10,8 +10,9 @@ one LLM token, row-major, so an image's attention grid is (grid_h / 2, grid_w / 
 Positions are Qwen's multimodal rotary ids, (3, B, L) (temporal, height, width), computed by the model's own
 ``get_rope_index`` and passed to the forward so the head gets exactly what layer k used. Qwen2.5-VL: q/k/v
 bias, no o bias, ``mrope`` sections; Qwen3-VL: q/k RMSNorm, interleaved ``mrope``, and deepstack features
-added to the visual tokens' hidden states of the first decoder layers inside the forward that is stopped
-after layer k (so they are in the tapped states). Prompts are never prefix-shared (``shared_length = 0``):
+the model adds to the visual tokens after each of its first decoder layers, between layers: the adapter
+taps the input of layer k + 1 (layer k's output plus deepstack feature k when k is one of those layers), the
+residual stream the mirrored layers k + 1, k + 2 would read. Prompts are never prefix-shared (``shared_length = 0``):
 the position ids of the text after the image depend on the image's grid, and Qwen3-VL's deepstack states
 would need their own cache path; running each prompt whole is correct for both.
 """
@@ -72,6 +73,9 @@ class Qwen3VLBackbone(Qwen2_5_VLBackbone):
 
     model_class: ClassVar[type] = Qwen3VLForConditionalGeneration
     rope_kind: ClassVar[str] = "mrope_interleaved"
+    # deepstack features are added to the visual tokens after each of the first decoder layers, outside the
+    # layers: the head must see layer k's output with them, i.e. layer k + 1's input
+    tap_next_input: ClassVar[bool] = True
     # Same fraction as LLaVA-1.5's k = 14 of 32: k = 16 of Qwen3-VL-8B's 36 layers, past the deepstack layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
 
