@@ -8,9 +8,8 @@ the feature the model scatters into a grid cell's token says where on the origin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -103,7 +102,9 @@ def check_early_exit(backbone: HFBackbone, images: Sequence[Image.Image], texts:
     assert torch.equal(features.position_ids[real], expected[real])
 
 
-def check_scattered_features(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+def check_scattered_features(
+    backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]
+) -> None:
     """image_positions are image-placeholder tokens holding vision features; text tokens hold none; the
     prompts' other image tokens (base view, newlines, thumbnail) are outside both."""
     features = backbone.encode(images, texts)
@@ -125,7 +126,9 @@ def check_scattered_features(backbone: HFBackbone, images: Sequence[Image.Image]
 
 
 @contextmanager
-def colour_vision(backbone: HFBackbone, install: Callable[[HFBackbone], Callable[[], None]]) -> Iterator[None]:
+def colour_vision(
+    backbone: HFBackbone, install: Callable[[HFBackbone], Callable[[], None]]
+) -> Iterator[None]:
     """Run ``install`` (which swaps the family's vision modules for colour-emitting ones and returns an undo)."""
     undo = install(backbone)
     try:
@@ -199,8 +202,9 @@ def box_mask(width: int, height: int, left: int, top: int, right: int, bottom: i
 def check_train_and_predict(backbone: HFBackbone) -> None:
     """One training step and ``predict`` through the shared head / keypoints / descriptor / SAM code, on a
     batch whose two images have different grids; the frozen MLLM's logits are bit-identical afterwards."""
-    from lens.config import LensConfig
     from lens.decoders import SamDecoder
+
+    from lens.config import LensConfig
     from lens.model import LensModel
     from lens.tiny import build_sam
 
@@ -239,7 +243,9 @@ def check_train_and_predict(backbone: HFBackbone) -> None:
     assert torch.equal(full_forward(backbone, *probe)["logits"], logits_before)
 
 
-def check_head_mirrors_next_layer(backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+def check_head_mirrors_next_layer(
+    backbone: HFBackbone, images: Sequence[Image.Image], texts: Sequence[str]
+) -> None:
     """A head layer built from ``layer_spec`` and loaded with ``decoder_layer_state(k + 1)``, run on the
     tapped states with the tapped position ids, reproduces the model's own layer k + 1: the head mirrors
     the family's RoPE kind, biases and q/k norm exactly."""

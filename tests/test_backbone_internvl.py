@@ -6,21 +6,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from backbone_checks import (
-    check_head_mirrors_next_layer,
-    check_train_and_predict,
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
+    check_head_mirrors_next_layer,
     check_round_trip,
     check_scattered_features,
+    check_train_and_predict,
     embed_colour,
     patch_colours,
     random_image,
 )
-from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from lens.backbone import BACKBONES
 from lens.backbone.internvl import InternVLBackbone, tiled_cell_order
 from lens.tiny_families import build_internvl

@@ -6,22 +6,22 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from backbone_checks import (
-    check_head_mirrors_next_layer,
-    check_train_and_predict,
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
+    check_head_mirrors_next_layer,
     check_round_trip,
     check_scattered_features,
+    check_train_and_predict,
     embed_colour,
     full_forward,
     patch_colours,
     random_image,
 )
-from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from lens.backbone import BACKBONES
 from lens.backbone.llava_next import LlavaNextBackbone, LlavaOnevisionBackbone, anyres_frame
 from lens.tiny_families import TINY_PINPOINTS, build_llava_next, build_llava_onevision
@@ -144,7 +144,9 @@ def test_layer_spec_and_state(backbone):
     onevision = isinstance(backbone, LlavaOnevisionBackbone)  # Qwen2 LM: q/k/v bias, no o bias
     assert (spec.q_bias, spec.o_bias) == (onevision, False)
     state = backbone.decoder_layer_state(3)
-    torch.testing.assert_close(state["self_attn.q_proj.weight"], backbone.decoder_layers[2].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        state["self_attn.q_proj.weight"], backbone.decoder_layers[2].self_attn.q_proj.weight
+    )
 
 
 def test_generate_answers_in_text(backbone):

@@ -6,26 +6,29 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from backbone_checks import (
-    check_head_mirrors_next_layer,
-    check_train_and_predict,
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
+    check_head_mirrors_next_layer,
     check_round_trip,
     check_scattered_features,
+    check_train_and_predict,
     embed_colour,
     full_forward,
     random_image,
 )
-from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from lens.backbone import BACKBONES
 from lens.backbone.qwen_vl import Qwen2_5_VLBackbone, Qwen3VLBackbone
 from lens.tiny_families import build_qwen2_5_vl, build_qwen3_vl
 
-FAMILIES = {"qwen2_5_vl": (Qwen2_5_VLBackbone, build_qwen2_5_vl), "qwen3_vl": (Qwen3VLBackbone, build_qwen3_vl)}
+FAMILIES = {
+    "qwen2_5_vl": (Qwen2_5_VLBackbone, build_qwen2_5_vl),
+    "qwen3_vl": (Qwen3VLBackbone, build_qwen3_vl),
+}
 # (width, height): square, wide, tall, sizes that smart_resize rounds, and one it scales up (min pixels)
 SIZES = [(32, 32), (40, 24), (24, 56), (33, 47), (64, 16), (10, 12)]
 
@@ -149,7 +152,9 @@ def test_layer_spec_mirrors_the_decoder_layer(backbone):
     qwen3 = isinstance(backbone, Qwen3VLBackbone)
     assert spec.rope.kind == ("mrope_interleaved" if qwen3 else "mrope")
     assert spec.rope.sections == (2, 3, 3)
-    assert (spec.q_bias, spec.k_bias, spec.v_bias, spec.o_bias) == ((False,) * 4 if qwen3 else (True,) * 3 + (False,))
+    assert (spec.q_bias, spec.k_bias, spec.v_bias, spec.o_bias) == (
+        (False,) * 4 if qwen3 else (True,) * 3 + (False,)
+    )
     assert spec.qk_norm is qwen3
     state = backbone.decoder_layer_state(3)
     assert ("self_attn.q_norm.weight" in state) is qwen3

@@ -114,10 +114,20 @@ def _ids(tokenizer: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
 
 
 # ----- Qwen2.5-VL / Qwen3-VL ---------------------------------------------------------------------------------
-QWEN_SPECIALS = ["<pad>", "<unk>", "</s>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIALS = [
+    "<pad>",
+    "<unk>",
+    "</s>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
-def _qwen_parts(words: Iterable[str], patch_size: int) -> tuple[PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+def _qwen_parts(
+    words: Iterable[str], patch_size: int
+) -> tuple[PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
     tokenizer = family_tokenizer(
         words,
         QWEN_SPECIALS,
@@ -158,7 +168,9 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     image, video, start, end = _ids(
         tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
-    return dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+    return dict(
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end
+    )
 
 
 def build_qwen2_5_vl(
@@ -250,8 +262,13 @@ def build_llava_next(
     )
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-            patch_size=4, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
         ),
         text_config=MistralConfig(**_llava_text(tokenizer)).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -294,7 +311,11 @@ def build_llava_onevision(
     )
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
             patch_size=4,
         ),
         text_config=Qwen2Config(**_llava_text(tokenizer)).to_dict(),
@@ -343,8 +364,12 @@ def build_internvl(
     )
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=[32, 32], patch_size=[4, 4],
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=[32, 32],
+            patch_size=[4, 4],
         ),
         text_config=Qwen2Config(**_llava_text(tokenizer)).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),

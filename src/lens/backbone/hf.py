@@ -78,6 +78,8 @@ class HFBackbone(Backbone):
     # Tap the input of layer k + 1 instead of the output of layer k (they differ when the stack adds to the
     # residual stream between layers); the last layer's output is tapped when k is the last layer.
     tap_next_input: ClassVar[bool] = False
+    # hub ids this adapter is for -> their decoder depth (for ``lens info``'s default k = fraction * depth)
+    HUB_MODELS: ClassVar[dict[str, int]] = {}
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, layer: int | None = None):
         super().__init__()
@@ -175,7 +177,9 @@ class HFBackbone(Backbone):
         if not (attention_mask == (steps < n_real[:, None])).all():
             raise ValueError("expected right padding (real tokens first)")
         layouts = self.image_layout(inputs, images)
-        ends = torch.stack([tokens[-1] + 1 for tokens in self.image_tokens(input_ids)])  # (B,) after the image
+        ends = torch.stack(
+            [tokens[-1] + 1 for tokens in self.image_tokens(input_ids)]
+        )  # (B,) after the image
         text_span = torch.stack([ends, n_real], 1)  # (B, 2)
         if (text_span[:, 1] <= text_span[:, 0]).any():
             raise ValueError("a prompt has no text tokens after its image")
@@ -206,7 +210,9 @@ class HFBackbone(Backbone):
             return run_until_input_of(
                 self.model.model, self.decoder_layers[self.layer], **model_inputs, use_cache=False
             )
-        return run_until(self.model.model, self.decoder_layers[self.layer - 1], **model_inputs, use_cache=False)
+        return run_until(
+            self.model.model, self.decoder_layers[self.layer - 1], **model_inputs, use_cache=False
+        )
 
     def layer_spec(self) -> LayerSpec:
         c = self.text_config(self.model)

@@ -48,6 +48,7 @@ class InternVLBackbone(HFBackbone):
     model_class: ClassVar[type] = InternVLForConditionalGeneration
     # LLaVA-1.5's k = 14 of 32 (the paper) as a fraction: k = 12 of InternVL3-8B's 28 Qwen2.5 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    HUB_MODELS: ClassVar[dict[str, int]] = {"OpenGVLab/InternVL3-8B-hf": 28}
 
     @property
     def tile_side(self) -> int:

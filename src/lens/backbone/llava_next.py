@@ -89,6 +89,7 @@ class LlavaNextBackbone(HFBackbone):
     model_class: ClassVar[type] = LlavaNextForConditionalGeneration
     # LLaVA-1.5's k = 14 of 32 (the paper): LLaVA-NeXT keeps LLaVA-1.5's recipe on a 32-layer LM.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-v1.6-mistral-7b-hf": 32}
 
     def max_tiles(self) -> int | None:
         return None
@@ -127,6 +128,7 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     model_class: ClassVar[type] = LlavaOnevisionForConditionalGeneration
     # LLaVA-1.5's k = 14 of 32 as a fraction: k = 12 of OneVision-7B's 28 Qwen2 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-onevision-qwen2-7b-ov-hf": 28}
 
     def max_tiles(self) -> int | None:
         return int(self.model.config.vision_aspect_ratio.removeprefix("anyres_max_"))

@@ -38,6 +38,7 @@ class Qwen2_5_VLBackbone(HFBackbone):
     rope_kind: ClassVar[str] = "mrope"
     # LLaVA-1.5's paper choice (14 of 32) as a fraction of depth: k = 12 of Qwen2.5-VL-7B's 28 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    HUB_MODELS: ClassVar[dict[str, int]] = {"Qwen/Qwen2.5-VL-7B-Instruct": 28}
 
     @property
     def merge_size(self) -> int:
@@ -56,7 +57,9 @@ class Qwen2_5_VLBackbone(HFBackbone):
     def image_layout(self, inputs: dict[str, Tensor], images: Sequence[Image.Image]) -> list[ImageLayout]:
         thw = inputs["image_grid_thw"]  # (B, 3): one image per prompt, in prompt order
         layouts = []
-        for image, tokens, (t, h, w) in zip(images, self.image_tokens(inputs["input_ids"]), thw.tolist()):
+        for image, tokens, (t, h, w) in zip(
+            images, self.image_tokens(inputs["input_ids"]), thw.tolist(), strict=True
+        ):
             gh, gw = h // self.merge_size, w // self.merge_size
             if t != 1 or len(tokens) != gh * gw:
                 raise ValueError(f"expected {gh * gw} image tokens of one frame, got {len(tokens)} (t={t})")
@@ -78,4 +81,4 @@ class Qwen3VLBackbone(Qwen2_5_VLBackbone):
     tap_next_input: ClassVar[bool] = True
     # Same fraction as LLaVA-1.5's k = 14 of 32: k = 16 of Qwen3-VL-8B's 36 layers, past the deepstack layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
-
+    HUB_MODELS: ClassVar[dict[str, int]] = {"Qwen/Qwen3-VL-8B-Instruct": 36}
