@@ -236,6 +236,9 @@ def check_train_and_predict(backbone: HFBackbone) -> None:
     points = torch.as_tensor(prediction.keypoints)
     assert len(points) >= 1
     assert (points >= 0).all() and (points[:, 0] <= 24).all() and (points[:, 1] <= 56).all()
+    again = lens.predict(lens.embed_image(images[1]), PROMPTS[0])  # embed once, query many
+    np.testing.assert_array_equal(again.mask, prediction.mask)
+    np.testing.assert_allclose(again.attention_map, prediction.attention_map, atol=1e-6)
 
     assert not backbone.model.training
     for k, v in backbone.model.state_dict().items():
@@ -263,3 +266,10 @@ def check_head_mirrors_next_layer(
     mask = features.attention_mask
     reference = full["hidden_states"][backbone.layer + 1]
     torch.testing.assert_close(out[mask], reference[mask], rtol=1e-4, atol=1e-4)
+
+
+def check_grid_frame_matches_encode(backbone: HFBackbone, sizes: Sequence[tuple[int, int]]) -> None:
+    """``grid_frame`` (no model run, what ``embed_image`` uses) is the frame ``encode`` reports, for every size."""
+    for w, h in sizes:
+        encoded = backbone.encode([random_image(w, h)], PROMPTS[:1]).geometries[0].grid
+        assert backbone.grid_frame(w, h) == encoded, f"{w}x{h}"

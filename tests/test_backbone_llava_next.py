@@ -13,6 +13,7 @@ from backbone_checks import (
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
+    check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
     check_round_trip,
     check_scattered_features,
@@ -161,3 +162,7 @@ def test_head_layer_from_the_backbone_reproduces_its_next_layer(backbone):
 
 def test_training_step_and_predict_leave_the_mllm_untouched(backbone):
     check_train_and_predict(backbone)
+
+
+def test_grid_frame_without_a_model_run_matches_encode(backbone):
+    check_grid_frame_matches_encode(backbone, SIZES)

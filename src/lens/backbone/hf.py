@@ -124,6 +124,10 @@ class HFBackbone(Backbone):
         return self.model.config.image_token_id
 
     # ----- family hooks ---------------------------------------------------------------------------------------
+    def grid_frame(self, width: int, height: int) -> GridFrame:
+        """How the family lays its attention grid over a ``width`` x ``height`` image (no model run)."""
+        raise NotImplementedError
+
     def image_layout(self, inputs: dict[str, Tensor], images: Sequence[Image.Image]) -> list[ImageLayout]:
         """Per prompt: the grid cells' tokens and the grid's frame on the original image."""
         raise NotImplementedError
@@ -169,7 +173,11 @@ class HFBackbone(Backbone):
         images: Sequence[Image.Image],
         instructions: Sequence[str],
         decoder_frame: DecoderFrameFn | None = None,
+        prefix: object | None = None,
     ) -> BackboneFeatures:
+        """Every prompt runs whole (``encode_prefix`` gives None for these families, so ``prefix`` is None)."""
+        if prefix is not None:
+            raise ValueError(f"{type(self).__name__} does not share prompt prefixes; got one")
         inputs = self._inputs(images, instructions)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
         n_real = attention_mask.sum(1)  # (B,)

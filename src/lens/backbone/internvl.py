@@ -59,8 +59,7 @@ class InternVLBackbone(HFBackbone):
         return int(self._tile_px() // patch * c.downsample_ratio)
 
     def _tile_px(self) -> int:
-        size = self.processor.image_processor.size
-        return size["height"] if isinstance(size, dict) else size.height
+        return self.processor.image_processor.size["height"]
 
     def arrangement(self, width: int, height: int) -> tuple[int, int]:
         ip = self.processor.image_processor

@@ -25,6 +25,7 @@ from typing import ClassVar
 from PIL import Image
 from torch import Tensor
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from lens.backbone.base import RopeSpec
 from lens.backbone.hf import HFBackbone, ImageLayout
@@ -54,17 +55,28 @@ class Qwen2_5_VLBackbone(HFBackbone):
         )
         return position_ids
 
+    def grid_frame(self, width: int, height: int) -> GridFrame:
+        """The processor's ``smart_resize`` to a multiple of patch x merge pixels, one cell per merged patch."""
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        h, w = smart_resize(height, width, factor, ip.size["shortest_edge"], ip.size["longest_edge"])
+        return GridFrame.resize(width, height, h // factor, w // factor)
+
     def image_layout(self, inputs: dict[str, Tensor], images: Sequence[Image.Image]) -> list[ImageLayout]:
         thw = inputs["image_grid_thw"]  # (B, 3): one image per prompt, in prompt order
         layouts = []
         for image, tokens, (t, h, w) in zip(
             images, self.image_tokens(inputs["input_ids"]), thw.tolist(), strict=True
         ):
+            frame = self.grid_frame(image.width, image.height)
             gh, gw = h // self.merge_size, w // self.merge_size
-            if t != 1 or len(tokens) != gh * gw:
-                raise ValueError(f"expected {gh * gw} image tokens of one frame, got {len(tokens)} (t={t})")
+            if (frame.grid_h, frame.grid_w) != (gh, gw) or t != 1 or len(tokens) != gh * gw:
+                raise ValueError(
+                    f"a {image.width}x{image.height} image should give one frame of {frame.grid_h}x{frame.grid_w} "
+                    f"merged patches, got image_grid_thw {(t, h, w)} and {len(tokens)} image tokens"
+                )
             # merged tokens are row-major over (gh, gw): cell n is the prompt's n-th image token
-            layouts.append(ImageLayout(tokens, GridFrame.resize(image.width, image.height, gh, gw)))
+            layouts.append(ImageLayout(tokens, frame))
         return layouts
 
     def rope_spec(self, rope: dict) -> RopeSpec:
