@@ -273,3 +273,12 @@ def check_grid_frame_matches_encode(backbone: HFBackbone, sizes: Sequence[tuple[
     for w, h in sizes:
         encoded = backbone.encode([random_image(w, h)], PROMPTS[:1]).geometries[0].grid
         assert backbone.grid_frame(w, h) == encoded, f"{w}x{h}"
+
+
+def check_repeated_images(backbone: HFBackbone) -> None:
+    """Prompts that repeat an image (the vision tower then runs once per distinct image) give what the full
+    model gives on the same prompts."""
+    a, b = random_image(40, 24, seed=0), random_image(24, 56, seed=1)
+    check_early_exit(backbone, [a, b, a], PROMPTS)
+    features = backbone.encode([a, b, a], PROMPTS)
+    assert features.image_index.tolist() == [0, 1, 0]

@@ -15,6 +15,7 @@ from backbone_checks import (
     check_early_exit,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
+    check_repeated_images,
     check_round_trip,
     check_scattered_features,
     check_train_and_predict,
@@ -166,3 +167,7 @@ def test_training_step_and_predict_leave_the_mllm_untouched(backbone):
 
 def test_grid_frame_without_a_model_run_matches_encode(backbone):
     check_grid_frame_matches_encode(backbone, SIZES)
+
+
+def test_prompts_repeating_an_image_match_the_full_model(backbone):
+    check_repeated_images(backbone)

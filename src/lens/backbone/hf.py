@@ -13,6 +13,7 @@ any-resolution packing) is exactly what the head sees.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -137,9 +138,35 @@ class HFBackbone(Backbone):
         input_ids = inputs["input_ids"]
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
-    def _model_inputs(self, inputs: dict[str, Tensor], position_ids: Tensor) -> dict[str, Tensor]:
-        """Keyword arguments of ``model.model`` (the processor's outputs, positions passed explicitly)."""
-        return {**inputs, "position_ids": position_ids}
+    def _model_inputs(
+        self, inputs: dict[str, Tensor], position_ids: Tensor, images: Sequence[Image.Image]
+    ) -> dict[str, object]:
+        """Keyword arguments of ``model.model``: the processor's outputs, positions passed explicitly, and —
+        when prompts repeat an image (several queries per image in training) — the vision tower's outputs
+        computed once per distinct image, handed over as ``mm_encoder_outputs`` (the model's own path for
+        precomputed features) instead of ``pixel_values``."""
+        model_inputs: dict[str, object] = {**inputs, "position_ids": position_ids}
+        unique, index = unique_images(images)
+        if len(unique) == len(images):
+            return model_inputs
+        vision = self.processor.image_processor([im.convert("RGB") for im in unique], return_tensors="pt")
+        wanted = inspect.signature(self.model.model.get_image_features).parameters
+        kwargs = {k: v.to(self.device) for k, v in vision.items() if k in wanted and isinstance(v, Tensor)}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        features = self.model.model.get_image_features(**kwargs, return_dict=True)
+        features.pooler_output = self._per_prompt(features.pooler_output, unique, index.tolist())
+        if getattr(features, "deepstack_features", None):  # Qwen3-VL: per layer, per image
+            features.deepstack_features = [
+                list(f[i] for i in index.tolist()) for f in features.deepstack_features
+            ]
+        del model_inputs["pixel_values"]
+        model_inputs["mm_encoder_outputs"] = {"image": features}
+        return model_inputs
+
+    def _per_prompt(self, features: object, unique: Sequence[Image.Image], index: list[int]) -> object:
+        """The distinct images' projected features, repeated in prompt order (``index``: image of each prompt).
+        Families whose ``get_image_features`` returns one entry per image (Qwen, LLaVA-NeXT) need nothing else."""
+        return [features[i] for i in index]
 
     # ----- shared -----------------------------------------------------------------------------------------------
     def _prompts(self, instructions: Sequence[str]) -> list[str]:
@@ -198,7 +225,7 @@ class HFBackbone(Backbone):
         grids = [lay.frame for lay in layouts]
         position_ids = self.position_ids(inputs)  # (B, L) or (3, B, L)
         with torch.inference_mode():
-            hidden = self._run(self._model_inputs(inputs, position_ids))
+            hidden = self._run(self._model_inputs(inputs, position_ids, images))
         return BackboneFeatures(
             hidden_states=hidden.clone(),  # clone: inference-mode tensors cannot enter autograd
             attention_mask=attention_mask.clone(),

@@ -71,6 +71,15 @@ class InternVLBackbone(HFBackbone):
         rows, columns = self.arrangement(width, height)
         return GridFrame.resize(width, height, rows * self.tile_side, columns * self.tile_side)
 
+    def _per_prompt(self, features: object, unique: Sequence[Image.Image], index: list[int]) -> object:
+        # one row per tile of every image (thumbnails included): cut per image, repeat, concatenate again
+        tiles = [
+            rows * columns + (rows * columns > 1)
+            for rows, columns in (self.arrangement(im.width, im.height) for im in unique)
+        ]
+        per_image = torch.split(features, tiles)
+        return torch.cat([per_image[i] for i in index])
+
     def image_layout(self, inputs: dict[str, Tensor], images: Sequence[Image.Image]) -> list[ImageLayout]:
         side = self.tile_side
         layouts = []
