@@ -282,3 +282,15 @@ def check_repeated_images(backbone: HFBackbone) -> None:
     check_early_exit(backbone, [a, b, a], PROMPTS)
     features = backbone.encode([a, b, a], PROMPTS)
     assert features.image_index.tolist() == [0, 1, 0]
+
+
+def check_from_pretrained(backbone: HFBackbone, directory: str) -> None:
+    """``from_pretrained`` on a saved copy (the hub path, offline) gives the same features."""
+    backbone.model.save_pretrained(directory)
+    backbone.processor.save_pretrained(directory)
+    loaded = type(backbone).from_pretrained(directory, layer=backbone.layer, dtype=torch.float32)
+    images = [random_image(40, 24, seed=0), random_image(24, 56, seed=1)]
+    ours, theirs = backbone.encode(images, PROMPTS[:2]), loaded.encode(images, PROMPTS[:2])
+    assert torch.equal(ours.hidden_states, theirs.hidden_states)
+    assert torch.equal(ours.image_positions, theirs.image_positions)
+    assert ours.geometries == theirs.geometries

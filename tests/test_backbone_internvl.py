@@ -13,6 +13,7 @@ from backbone_checks import (
     PROMPTS,
     check_cells_see_their_pixels,
     check_early_exit,
+    check_from_pretrained,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
     check_repeated_images,
@@ -134,3 +135,7 @@ def test_grid_frame_without_a_model_run_matches_encode(backbone):
 
 def test_prompts_repeating_an_image_match_the_full_model(backbone):
     check_repeated_images(backbone)
+
+
+def test_from_pretrained_loads_a_saved_copy(backbone, tmp_path):
+    check_from_pretrained(backbone, str(tmp_path))

@@ -46,6 +46,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from lens.backbone.hf import images_only
 from lens.tiny import TEST_WORDS
 
 CHAT_WORDS = ["user", "assistant", ":", "\n"]
@@ -97,16 +98,6 @@ def _template(image: str) -> str:
         "{% endif %}{% endfor %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
     )
-
-
-def _without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """``cls`` without its video processor, whose classes need torchvision (not a LENS dependency); the
-    adapters only ever pass images."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: ANN001
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return type(f"{cls.__name__}ImagesOnly", (cls,), {"__init__": __init__})
 
 
 def _ids(tokenizer: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
@@ -197,7 +188,7 @@ def build_qwen2_5_vl(
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    processor = _without_video(Qwen2_5_VLProcessor)(
+    processor = images_only(Qwen2_5_VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
     return model, processor
@@ -227,7 +218,7 @@ def build_qwen3_vl(
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
-    processor = _without_video(Qwen3VLProcessor)(
+    processor = images_only(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
     return model, processor
@@ -333,7 +324,7 @@ def build_llava_onevision(
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 16, "width": 16}, image_grid_pinpoints=TINY_PINPOINTS
     )
-    processor = _without_video(LlavaOnevisionProcessor)(
+    processor = images_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=16,
@@ -385,7 +376,7 @@ def build_internvl(
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
     )
-    processor = _without_video(InternVLProcessor)(
+    processor = images_only(InternVLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_length=16,

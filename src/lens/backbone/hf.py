@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
 from lens.backbone.base import (
     Backbone,
@@ -34,6 +34,19 @@ from lens.backbone.base import (
     unique_images,
 )
 from lens.geometry import GridFrame
+
+
+def images_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """``cls`` without its video processor, if it has one: video processors need torchvision (not a LENS
+    dependency) and LENS only ever passes images. Loads and behaves as ``cls`` otherwise."""
+    if "video_processor" not in cls.get_attributes():
+        return cls
+
+    def get_attributes(_: type) -> list[str]:
+        return [a for a in cls.get_attributes() if a != "video_processor"]
+
+    # cls's __init__ unchanged (video_processor=None); ProcessorMixin only checks, saves and loads attributes
+    return type(f"{cls.__name__}ImagesOnly", (cls,), {"get_attributes": classmethod(get_attributes)})
 
 
 class _Tapped(Exception):
@@ -75,6 +88,7 @@ class HFBackbone(Backbone):
     implement ``image_layout``; a family that needs other model inputs overrides ``_model_inputs``."""
 
     model_class: ClassVar[type[PreTrainedModel]]
+    processor_class: ClassVar[type[ProcessorMixin]]
     DEFAULT_LAYER_FRACTION: ClassVar[float]
     # Tap the input of layer k + 1 instead of the output of layer k (they differ when the stack adds to the
     # residual stream between layers); the last layer's output is tapped when k is the last layer.
@@ -105,7 +119,7 @@ class HFBackbone(Backbone):
     ) -> HFBackbone:
         """Load ``model_id`` (hub id or local directory) into ``model_class`` with its own processor."""
         model = cls.model_class.from_pretrained(model_id, revision=revision, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        processor = images_only(cls.processor_class).from_pretrained(model_id, revision=revision)
         return cls(model.to(device), processor, layer=layer)
 
     @staticmethod

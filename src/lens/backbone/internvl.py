@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from lens.backbone.hf import HFBackbone, ImageLayout
@@ -46,6 +46,7 @@ class InternVLBackbone(HFBackbone):
     """Frozen InternVL 3 run up to decoder layer k, its tiles read as one whole-image grid."""
 
     model_class: ClassVar[type] = InternVLForConditionalGeneration
+    processor_class: ClassVar[type] = InternVLProcessor
     # LLaVA-1.5's k = 14 of 32 (the paper) as a fraction: k = 12 of InternVL3-8B's 28 Qwen2.5 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
     HUB_MODELS: ClassVar[dict[str, int]] = {"OpenGVLab/InternVL3-8B-hf": 28}

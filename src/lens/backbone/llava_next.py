@@ -26,7 +26,12 @@ from typing import ClassVar
 
 from PIL import Image
 from torch import Tensor
-from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+)
 from transformers.image_processing_utils import select_best_resolution
 
 from lens.backbone.hf import HFBackbone, ImageLayout
@@ -87,6 +92,7 @@ class LlavaNextBackbone(HFBackbone):
     """Frozen LLaVA-NeXT run up to decoder layer k, its tiles read as one whole-image grid."""
 
     model_class: ClassVar[type] = LlavaNextForConditionalGeneration
+    processor_class: ClassVar[type] = LlavaNextProcessor
     # LLaVA-1.5's k = 14 of 32 (the paper): LLaVA-NeXT keeps LLaVA-1.5's recipe on a 32-layer LM.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
     HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-v1.6-mistral-7b-hf": 32}
@@ -126,6 +132,7 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     """Frozen LLaVA-OneVision run up to decoder layer k (anyres_max_N grids shrunk as the model does)."""
 
     model_class: ClassVar[type] = LlavaOnevisionForConditionalGeneration
+    processor_class: ClassVar[type] = LlavaOnevisionProcessor
     # LLaVA-1.5's k = 14 of 32 as a fraction: k = 12 of OneVision-7B's 28 Qwen2 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
     HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-onevision-qwen2-7b-ov-hf": 28}

@@ -24,7 +24,12 @@ from typing import ClassVar
 
 from PIL import Image
 from torch import Tensor
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from lens.backbone.base import RopeSpec
@@ -36,6 +41,7 @@ class Qwen2_5_VLBackbone(HFBackbone):
     """Frozen Qwen2.5-VL run up to decoder layer k."""
 
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
+    processor_class: ClassVar[type] = Qwen2_5_VLProcessor
     rope_kind: ClassVar[str] = "mrope"
     # LLaVA-1.5's paper choice (14 of 32) as a fraction of depth: k = 12 of Qwen2.5-VL-7B's 28 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
@@ -87,6 +93,7 @@ class Qwen3VLBackbone(Qwen2_5_VLBackbone):
     """Frozen Qwen3-VL run up to decoder layer k (q/k norm, interleaved mrope, deepstack kept)."""
 
     model_class: ClassVar[type] = Qwen3VLForConditionalGeneration
+    processor_class: ClassVar[type] = Qwen3VLProcessor
     rope_kind: ClassVar[str] = "mrope_interleaved"
     # deepstack features are added to the visual tokens after each of the first decoder layers, outside the
     # layers: the head must see layer k's output with them, i.e. layer k + 1's input
