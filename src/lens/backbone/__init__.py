@@ -7,8 +7,11 @@ import torch
 from lens.backbone.base import (
     Backbone,
     BackboneFeatures,
+    DecoderFrameFn,
     LayerSpec,
+    RopeSpec,
     first_of_each,
+    image_geometries,
     run_until,
     shared_prefix_length,
     unique_images,
@@ -29,9 +32,7 @@ BACKBONES: dict[str, type[Backbone]] = {
 }
 
 
-def load_backbone(
-    config: BackboneConfig, device: str | torch.device = "cpu", sam_size: int = 1024
-) -> Backbone:
+def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
     """Load the frozen MLLM named by ``config`` (hub id or local directory)."""
     if config.name not in BACKBONES:
         raise ValueError(f"unknown backbone {config.name!r}; available: {sorted(BACKBONES)}")
@@ -41,7 +42,6 @@ def load_backbone(
         revision=config.revision,
         dtype=getattr(torch, config.dtype),
         device=device,
-        sam_size=sam_size,
     )
 
 
@@ -49,9 +49,12 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneFeatures",
+    "DecoderFrameFn",
     "LayerSpec",
+    "RopeSpec",
     "LlavaBackbone",
     "first_of_each",
+    "image_geometries",
     "load_backbone",
     "run_until",
     "shared_prefix_length",
