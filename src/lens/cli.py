@@ -32,6 +32,28 @@ def _run(job, *args, **kwargs):
 
 
 @app.command()
+def info() -> None:
+    """List the registered backbones (default tap layer per hub model) and mask decoders."""
+    from rich.table import Table
+
+    from lens.backbone import BACKBONES
+    from lens.decoders import DECODERS
+
+    table = Table("backbone", "class", "k / depth", "hub model", title="backbones (BackboneConfig.name)")
+    for name, cls in BACKBONES.items():
+        fraction = cls.DEFAULT_LAYER_FRACTION
+        models = getattr(cls, "HUB_MODELS", {}) or {"": 0}
+        for model_id, depth in models.items():
+            k = f"{max(1, round(fraction * depth))} / {depth}" if depth else f"{fraction:.3f} · depth"
+            table.add_row(name, cls.__name__, k, model_id)
+    Console().print(table)
+    table = Table("decoder", "class", "what", title="mask decoders (DecoderConfig.name)")
+    for name, cls in DECODERS.items():
+        table.add_row(name, cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    Console().print(table)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where figures and scores.json go")] = Path("outputs/demo"),
     queries: Annotated[int, typer.Option(help="test-split queries to segment")] = 8,

@@ -16,10 +16,20 @@ from lens.backbone.base import (
     shared_prefix_length,
     unique_images,
 )
+from lens.backbone.internvl import InternVLBackbone
 from lens.backbone.llava import LlavaBackbone
+from lens.backbone.llava_next import LlavaNextBackbone, LlavaOnevisionBackbone
+from lens.backbone.qwen_vl import Qwen2_5_VLBackbone, Qwen3VLBackbone
 from lens.config import BackboneConfig
 
-BACKBONES: dict[str, type[Backbone]] = {"llava": LlavaBackbone}
+BACKBONES: dict[str, type[Backbone]] = {
+    "llava": LlavaBackbone,
+    "llava_next": LlavaNextBackbone,
+    "llava_onevision": LlavaOnevisionBackbone,
+    "qwen2_5_vl": Qwen2_5_VLBackbone,
+    "qwen3_vl": Qwen3VLBackbone,
+    "internvl": InternVLBackbone,
+}
 
 
 def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
