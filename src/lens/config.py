@@ -15,6 +15,8 @@ import yaml
 
 T = TypeVar("T")
 
+LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
+
 
 @dataclass
 class BackboneConfig:
@@ -80,6 +82,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     max_steps: int = 5000
+    lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
     batch_size: int = 2
     grad_accum_steps: int = 10
     max_grad_norm: float = 1.0
@@ -88,6 +91,29 @@ class TrainConfig:
     # start the trainable weights from this LENS checkpoint (directory or lens: asset), with a fresh optimizer
     # and schedule: a warm restart or a fine-tune; None: initialise them as the builders do
     init_from: str | None = None
+    # the loop's cadence: these change no trained weight, but belong to the recipe a run is repeated with
+    save_every: int = 500  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2  # older ones are deleted
+    eval_every: int = 500  # optimizer steps between validations (and at the last step); 0: last step only
+    eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
+    eval_batch_size: int = 8
+    log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
+
+    def __post_init__(self) -> None:
+        # checked before any step runs, so a typo never costs a run (or a ZeroDivisionError at step 1)
+        for name, low in (("save_every", 1), ("eval_every", 0), ("log_every", 1), ("keep_checkpoints", 1),
+                          ("eval_batch_size", 1), ("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1),
+                          ("warmup_steps", 0)):  # fmt: skip
+            if getattr(self, name) < low:
+                raise ValueError(f"train.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(
+                f"train.eval_limit must be >= 1 or null (the whole split), got {self.eval_limit}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
 
 
 @dataclass
@@ -129,6 +155,22 @@ class LensConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def override(self, assignments: list[str]) -> LensConfig:
+        """A copy with ``section.key=value`` assignments applied (values parsed as YAML): the CLI's ``--set``."""
+        data = self.to_dict()
+        for assignment in assignments:
+            dotted, sep, text = assignment.partition("=")
+            *path, last = dotted.strip().split(".")
+            if not sep or not path:
+                raise ValueError(f"--set expects section.key=value, got {assignment!r}")
+            node = data
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set {assignment!r}: {part!r} is a value, not a section")
+            node[last] = yaml.safe_load(text)  # an unknown key is named by from_dict
+        return LensConfig.from_dict(data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LensConfig:

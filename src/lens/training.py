@@ -42,7 +42,7 @@ from lens.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from lens.config import LensConfig
+from lens.config import LensConfig, TrainConfig
 from lens.data.loader import (
     SYNTHETIC,
     ItemSource,
@@ -66,36 +66,7 @@ FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
-LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
 VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
-
-
-@dataclass
-class LoopOptions:
-    """Loop settings that ``TrainConfig`` does not hold (yet)."""
-
-    save_every: int = 500  # optimizer steps between checkpoints
-    eval_every: int = 500  # optimizer steps between validations (and at the last step); 0: last step only
-    log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
-    keep_checkpoints: int = 2  # older ones are deleted
-    eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
-    eval_batch_size: int = 8
-    lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
-    stop_at_step: int | None = None  # end this run early (e.g. a time-limited job); resume continues
-
-    def __post_init__(self) -> None:
-        # checked before any step runs, so a typo never costs a run (or a ZeroDivisionError at step 1)
-        for name, low in (("save_every", 1), ("eval_every", 0), ("log_every", 1), ("keep_checkpoints", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ValueError(f"eval_limit must be >= 1 or None (the whole split), got {self.eval_limit}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
-            )
-        if self.stop_at_step is not None and self.stop_at_step < 1:
-            raise ValueError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 
 
 @dataclass
@@ -183,12 +154,12 @@ def _validate(
     split: EvalSplit,
     output_dir: Path,
     step: int,
-    options: LoopOptions,
+    tc: TrainConfig,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """gIoU / cIoU on the first ``eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
+    """gIoU / cIoU on the first ``train.eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
     out_dir = output_dir / "val" / STEP_NAME.format(step)
-    results = evaluate(model, [split], out_dir, options.eval_batch_size, accelerator, options.eval_limit)
+    results = evaluate(model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit)
     overall = results["splits"][split.label]["overall"]
     return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
 
@@ -206,7 +177,7 @@ def train(
     model: LensModel | None = None,
     data: TrainData | None = None,
     cache_root: str | Path | None = None,
-    options: LoopOptions | None = None,
+    stop_at_step: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train LENS as ``config`` says; returns this run's log records (also in ``train_log.jsonl``).
 
@@ -215,8 +186,11 @@ def train(
         model: a ready model (tests, custom backbones); default ``build_lens`` / ``build_lens_for_cache``.
         data: ready datasets; default ``build_train_data(config, cache_root)``.
         cache_root: read features from ``lens cache`` output instead of running the MLLM.
+        stop_at_step: end this run early (e.g. a time-limited job); ``resume`` continues it.
     """
-    options, tc, output_dir = options or LoopOptions(), config.train, Path(output_dir)
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
+    tc, output_dir = config.train, Path(output_dir)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=tc.grad_accum_steps,
@@ -244,7 +218,7 @@ def train(
     model._ddp_params_and_buffers_to_ignore = frozen + [n for n, _ in model.named_buffers()]
 
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = get_scheduler(options.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
+    scheduler = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
     batches = MixtureBatchSampler(
         MixtureSampler(data.train, data.ratios, seed=tc.seed),
         tc.batch_size,
@@ -279,7 +253,7 @@ def train(
         _write_log(log_path, [r for r in kept if r["step"] <= progress.step], mode="w")
     accelerator.init_trackers("lens")
 
-    stop = min(tc.max_steps, options.stop_at_step or tc.max_steps)
+    stop = min(tc.max_steps, stop_at_step or tc.max_steps)
     records: list[dict[str, Any]] = []
     sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
     micro = 0
@@ -317,18 +291,18 @@ def train(
         sums.zero_()
         micro = 0
         if data.val is not None and (
-            progress.step == tc.max_steps or (options.eval_every and progress.step % options.eval_every == 0)
+            progress.step == tc.max_steps or (tc.eval_every and progress.step % tc.eval_every == 0)
         ):
-            record.update(_validate(unwrapped, data.val, output_dir, progress.step, options, accelerator))
+            record.update(_validate(unwrapped, data.val, output_dir, progress.step, tc, accelerator))
         records.append(record)
         if accelerator.is_main_process:
             _write_log(log_path, [record])
-        if progress.step % options.log_every == 0 or "val_giou" in record:
+        if progress.step % tc.log_every == 0 or "val_giou" in record:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=progress.step)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if progress.step % options.save_every == 0 or progress.step == stop:
-            save_checkpoint(accelerator, unwrapped, progress.step, output_dir, options.keep_checkpoints)
+        if progress.step % tc.save_every == 0 or progress.step == stop:
+            save_checkpoint(accelerator, unwrapped, progress.step, output_dir, tc.keep_checkpoints)
         if progress.step >= stop:
             break
     bar.close()
