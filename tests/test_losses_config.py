@@ -76,4 +76,37 @@ def test_yaml_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize("name", ["synthetic.yaml", "synthetic-whole-splits.yaml", "train_llava7b.yaml"])
 def test_shipped_configs_load(name):
     config = LensConfig.from_yaml(Path(__file__).parents[1] / "configs" / name)
-    assert config.data.synthetic_eval_scenes == (None if name == "synthetic-whole-splits.yaml" else 100)
+    expected = {
+        "synthetic.yaml": {"synthetic": {"seed": 0}},
+        "synthetic-whole-splits.yaml": {"synthetic": {"seed": 0, "eval_scenes": None}},
+        "train_llava7b.yaml": {},
+    }
+    assert config.data.datasets == expected[name]
+
+
+def test_configs_written_before_the_datasets_section_still_load():
+    old = {"data": {"synthetic_seed": 3, "synthetic_eval_scenes": None, "num_workers": 0}}
+    assert LensConfig.from_dict(old).data.datasets == {"synthetic": {"seed": 3, "eval_scenes": None}}
+    assert LensConfig.from_dict({"data": {"synthetic_seed": None}}).data.datasets == {}
+
+
+def test_the_synthetic_recipe_records_the_shipped_schedule():
+    """configs/synthetic.yaml is the whole recipe of the shipped head: no command-line flag is needed."""
+    train = LensConfig.from_yaml(Path(__file__).parents[1] / "configs" / "synthetic.yaml").train
+    assert (train.lr_schedule, train.max_steps, train.warmup_steps, train.lr) == ("cosine", 32000, 50, 4e-4)
+    assert (train.eval_every, train.eval_limit, train.save_every, train.batch_size) == (0, 200, 500, 8)
+
+
+def test_override_sets_one_value_and_names_a_bad_one():
+    config = LensConfig().override(
+        ["train.lr_schedule=cosine", "data.datasets.synthetic.seed=2", "train.lr=1e-3"]
+    )
+    assert (config.train.lr_schedule, config.train.lr, config.data.datasets) == (
+        "cosine",
+        1e-3,
+        {"synthetic": {"seed": 2}},
+    )
+    with pytest.raises(ValueError, match=r"config.train: unknown key\(s\) \['lr_shedule'\]"):
+        LensConfig().override(["train.lr_shedule=cosine"])
+    with pytest.raises(ValueError, match="train.save_every must be >= 1"):
+        LensConfig().override(["train.save_every=0"])

@@ -15,14 +15,13 @@ from lens.cache import CacheKey, build_cache
 from lens.checkpoints import CHECKPOINTS, LENS_SUBDIR, latest_checkpoint
 from lens.config import LensConfig
 from lens.data.loader import (
-    SYNTHETIC,
     MixtureBatchSampler,
     build_eval_dataset,
     build_train_datasets,
     train_ratios,
 )
-from lens.data.mixing import MixtureSampler
-from lens.data.synthetic import SyntheticWorld
+from lens.data.mixing import DEFAULT_GROUPS, MixtureSampler, resolve_weights
+from lens.data.synthetic.dataset import SYNTHETIC
 from lens.data.templates import format_question
 from lens.evaluation import EvalSplit
 from lens.model import TRAINABLE_PREFIXES
@@ -31,12 +30,13 @@ from lens.training import FINAL, LOG_NAME, TrainData, build_train_data, train
 from lens.weights import WEIGHTS_NAME, save_lens_weights, strip_frozen_encoders
 
 LR, WARMUP, STEPS = 1e-3, 1, 4
+TINY_WORLD = {"seed": 0, "height": 64, "width": 64, "train_size": 6, "val_size": 1}
 
 
 def _config() -> LensConfig:
     config = LensConfig()
     config.backbone.dtype = "float32"
-    config.data.synthetic_seed = 0
+    config.data.datasets = {"synthetic": dict(TINY_WORLD)}
     config.data.num_workers = 0
     config.data.num_classes_per_sample = 2
     config.train = dataclasses.replace(
@@ -55,9 +55,8 @@ def _config() -> LensConfig:
 
 
 def _data(config: LensConfig) -> TrainData:
-    world = SyntheticWorld(seed=0, height=64, width=64, train_size=6, val_size=1)
-    train = build_train_datasets(config.data, config.train.seed, world)
-    val = EvalSplit(SYNTHETIC, "val", build_eval_dataset(config.data, SYNTHETIC, "val", world))
+    train = build_train_datasets(config.data, config.train.seed)
+    val = EvalSplit(SYNTHETIC, "val", build_eval_dataset(config.data, SYNTHETIC, "val"))
     return TrainData(dict(train), train_ratios(config.data), val)
 
 
@@ -124,7 +123,9 @@ def test_training_from_the_feature_cache_without_an_mllm(tmp_path):
     raw = train(config, tmp_path / "raw", model=_fresh_lens(), data=data)
     assert ["val_giou" in r for r in raw] == [False, True]
     cached_data = build_train_data(config, tmp_path / "cache")
-    assert cached_data.val.label == "synthetic/val" and cached_data.ratios == {SYNTHETIC: 1.0}
+    assert cached_data.val.label == "synthetic/val"
+    weights = resolve_weights(list(cached_data.train), cached_data.ratios, DEFAULT_GROUPS)
+    assert weights == {SYNTHETIC: 1.0}  # the real datasets' ratios drop out: none is configured
     no_mllm = strip_frozen_encoders(_fresh_lens())  # prepare() would raise: nothing runs the MLLM
     assert not any(n.startswith("backbone.") for n, _ in no_mllm.named_parameters())
     cached = train(config, tmp_path / "cached", model=no_mllm, data=cached_data)
@@ -189,14 +190,14 @@ def test_batch_sampler_shards_processes_and_resumes_from_consumed_batches():
 
 def test_training_rows_draw_templates_from_the_seed_and_evaluation_rows_use_the_first():
     config = _config()
-    world = SyntheticWorld(seed=0, height=64, width=64, train_size=3, val_size=1)
-    first, again = (build_train_datasets(config.data, 7, world)[SYNTHETIC] for _ in range(2))
+    config.data.datasets["synthetic"]["train_size"] = 3
+    first, again = (build_train_datasets(config.data, 7)[SYNTHETIC] for _ in range(2))
     rows = {(i, e): first.rows(i, e) for i in range(3) for e in range(3)}
     assert all(
         rows[k] == [] or _texts(again.rows(*k)) == _texts(rows[k]) for k in rows
     )  # pure in (seed, key)
     assert len({tuple(_texts(r)) for r in rows.values()}) > 3  # epochs redraw queries and templates
-    val = build_eval_dataset(config.data, SYNTHETIC, "val", world)
+    val = build_eval_dataset(config.data, SYNTHETIC, "val")
     for i in range(len(val)):
         (row,) = val.rows(i)
         assert row["instruction"] == format_question(row["query"], row["is_sentence"])

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from lens.backbone import BackboneFeatures, first_of_each, shared_prefix_length
 from lens.config import LensConfig
-from lens.data.loader import SYNTHETIC, ItemSource, Row
+from lens.data.loader import ItemSource, Row
+from lens.data.registry import get_dataset, registered_names
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
 from lens.geometry import ImageGeometry
 from lens.model import LensInputs, LensModel
@@ -65,7 +66,9 @@ class CacheKey:
     prompt_template: str  # see prompt_template_id
     dataset: str
     split: str
-    scenes: int | None = None  # a synthetic evaluation split's scene count (data.synthetic_eval_scenes)
+    options: str = (
+        "{}"  # JSON of the dataset's own settings that change its items (DatasetSpec.cache_options)
+    )
 
     @classmethod
     def from_config(
@@ -73,9 +76,22 @@ class CacheKey:
     ) -> CacheKey:
         b, d = config.backbone, config.decoder
         template = prompt_template_id(train, seed)
-        scenes = config.data.synthetic_eval_scenes if dataset == SYNTHETIC and not train else None
+        # a dataset handed in directly (not registered) has no options of its own
+        spec = get_dataset(dataset) if dataset in registered_names() else None
+        options = json.dumps(
+            {} if spec is None else spec.cache_options(config.data, split, train), sort_keys=True
+        )
         return cls(
-            b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split, scenes
+            b.model_id,
+            b.revision,
+            b.layer,
+            b.dtype,
+            d.model_id,
+            d.revision,
+            template,
+            dataset,
+            split,
+            options,
         )
 
     def check(self, found: dict[str, Any], where: str | Path) -> None:

@@ -120,8 +120,8 @@ class TrainConfig:
 class DataConfig:
     """Where training / evaluation data live. Unset roots are skipped and the mixture renormalised."""
 
-    synthetic_seed: int | None = None  # train and evaluate on the project's synthetic world instead
-    synthetic_eval_scenes: int | None = 100  # scenes of a synthetic val / test split scored (None: all)
+    # plug-in datasets (lens.data.registry) by name -> their options, e.g. {"synthetic": {"seed": 0}}
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason_seg_root: str | None = None  # contains train/ val/ test/ of ReasonSeg
     refer_root: str | None = None  # contains refcoco/ refcoco+/ refcocog/ refclef/ (REFER layout)
     coco_image_root: str | None = None  # COCO train2014 images for the refcoco family
@@ -151,7 +151,7 @@ class LensConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LensConfig:
-        return _from_dict(cls, data, "config")
+        return _from_dict(cls, _migrate(data), "config")
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -169,7 +169,14 @@ class LensConfig:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"--set {assignment!r}: {part!r} is a value, not a section")
-            node[last] = yaml.safe_load(text)  # an unknown key is named by from_dict
+            value = yaml.safe_load(text)  # an unknown key is named by from_dict
+            if (
+                isinstance(node.get(last), float)
+                and isinstance(value, str | int)
+                and not isinstance(value, bool)
+            ):
+                value = _as_float(value, assignment)  # YAML 1.1 reads "1e-3" as a string
+            node[last] = value
         return LensConfig.from_dict(data)
 
     @classmethod
@@ -178,6 +185,29 @@ class LensConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _as_float(value: str | int, assignment: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--set {assignment!r}: expected a number") from None
+
+
+# Keys of configs saved before plug-in datasets had their own section: old key -> key in data.datasets.synthetic
+_LEGACY_DATA_KEYS = {"synthetic_seed": "seed", "synthetic_eval_scenes": "eval_scenes"}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Read configs (and shipped checkpoints) written with ``data.synthetic_seed`` / ``synthetic_eval_scenes``."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not set(_LEGACY_DATA_KEYS) & set(section):
+        return data
+    section = dict(section)
+    legacy = {new: section.pop(old) for old, new in _LEGACY_DATA_KEYS.items() if old in section}
+    if legacy.get("seed") is not None:  # a null seed meant "not the synthetic world"
+        section["datasets"] = {"synthetic": legacy, **section.get("datasets", {})}
+    return {**data, "data": section}
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:

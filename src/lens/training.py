@@ -44,7 +44,6 @@ from lens.checkpoints import (
 )
 from lens.config import LensConfig, TrainConfig
 from lens.data.loader import (
-    SYNTHETIC,
     ItemSource,
     MixtureBatchSampler,
     MixtureDataset,
@@ -55,9 +54,9 @@ from lens.data.loader import (
     train_ratios,
 )
 from lens.data.mixing import MixtureSampler
+from lens.data.registry import REASON_SEG, get_dataset
 from lens.evaluation import EvalSplit, evaluate
 from lens.model import LensModel
-from lens.reporting import REASON_SEG
 from lens.weights import build_lens, build_lens_for_cache, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
-VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
 
 
 @dataclass
@@ -77,13 +75,15 @@ class TrainData:
 
 
 def val_dataset_name(config: LensConfig, cache_root: str | Path | None = None) -> str | None:
-    """The dataset validated on during training: the synthetic world, else ReasonSeg (as LISA), if available."""
+    """The dataset validated on during training: the first plug-in of ``data.datasets`` that has evaluation
+    splits, else ReasonSeg (as LISA), if configured (or cached under ``cache_root``)."""
     data = config.data
-    for name in VAL_DATASETS:
+    candidates = [n for n in data.datasets if get_dataset(n).eval_reader is not None] + [REASON_SEG]
+    for name in candidates:
         if cache_root is not None:
             found = (Path(cache_root) / name / data.val_split / MANIFEST_NAME).is_file()
         else:
-            found = data.synthetic_seed is not None if name == SYNTHETIC else bool(data.reason_seg_root)
+            found = get_dataset(name).configured(data)
         if found:
             return name
     return None
@@ -103,7 +103,7 @@ def build_train_data(config: LensConfig, cache_root: str | Path | None = None) -
         if not names:
             raise FileNotFoundError(f"no training caches under {root} (expected {root}/<dataset>/train/)")
         train = {n: CachedDataset(root / n / "train", key(config, n, "train", True, seed)) for n in names}
-        ratios = {SYNTHETIC: 1.0} if SYNTHETIC in names else train_ratios(data)
+        ratios = train_ratios(data)
         val = (
             None
             if val_name is None
