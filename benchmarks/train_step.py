@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs
+from lens.batches import lens_inputs
+from lens.cache import CachedDataset, CacheKey, build_cache
 from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row
 from lens.training import build_train_data

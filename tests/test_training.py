@@ -15,6 +15,7 @@ from lens.cache import CacheKey, build_cache
 from lens.checkpoints import CHECKPOINTS, LENS_SUBDIR, latest_checkpoint
 from lens.config import LensConfig
 from lens.data.loader import (
+    ImageRow,
     MixtureBatchSampler,
     build_eval_dataset,
     build_train_datasets,
@@ -200,8 +201,8 @@ def test_training_rows_draw_templates_from_the_seed_and_evaluation_rows_use_the_
     val = build_eval_dataset(config.data, SYNTHETIC, "val")
     for i in range(len(val)):
         (row,) = val.rows(i)
-        assert row["instruction"] == format_question(row["query"], row["is_sentence"])
+        assert row.instruction == format_question(row.query, row.is_sentence)
 
 
-def _texts(rows: list[dict]) -> list[str]:
-    return [r["instruction"] for r in rows]
+def _texts(rows: list[ImageRow]) -> list[str]:
+    return [r.instruction for r in rows]

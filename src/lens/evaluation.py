@@ -19,8 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +29,12 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from lens.cache import CachedDataset, CacheKey, lens_inputs
+from lens.batches import lens_inputs
+from lens.cache import CachedDataset, CacheKey
 from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row, build_eval_dataset
 from lens.data.registry import configured_datasets, get_dataset, registered_names
+from lens.io import atomic_write_text
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
 from lens.reporting import markdown, summarize, table2, table3
@@ -176,15 +176,15 @@ def _score(
     scored = []
     for row, logits in zip(rows, out.mask_logits, strict=True):
         pred = (logits.float() > model.config.decoder.mask_threshold).cpu().numpy()  # (H, W) bool
-        intersection, union = intersection_union(pred, np.asarray(row["mask"]))
-        item = f"{split.label}/{row['index']}"
+        intersection, union = intersection_union(pred, np.asarray(row.mask))
+        item = f"{split.label}/{row.index}"
         record = {
-            "key": f"{item}/{row['part']}",
+            "key": f"{item}/{row.part}",
             "item": item,
             "dataset": split.dataset,
             "split": split.split,
-            **{k: row[k] for k in ("index", "part", "name", "query", "is_sentence", "kind")},
-            "held_out": bool(row.get("held_out", False)),
+            **{k: getattr(row, k) for k in ("index", "part", "name", "query", "is_sentence", "kind")},
+            "held_out": bool(row.held_out),
             "intersection": intersection,
             "union": union,
             "iou": query_iou(intersection, union),
@@ -250,22 +250,15 @@ def evaluate(
     return json.loads((output_dir / RESULTS_JSON).read_text())
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_results(output_dir: Path, splits: Sequence[EvalSplit], limit: int | None, method: str) -> None:
     records = read_records(output_dir)
     ordered = sorted(records.values(), key=lambda r: (r["dataset"], r["split"], r["index"], r["part"]))
-    _atomic_text(output_dir / PER_SAMPLE_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
+    atomic_write_text(output_dir / PER_SAMPLE_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
     for part in (output_dir / PARTS_DIR).glob("*.jsonl"):  # merged: the parts are no longer needed
         part.unlink()
     wanted = {s.label: len(s.data) if limit is None else min(limit, len(s.data)) for s in splits}
     chosen = [r for r in ordered if r["index"] < wanted.get(f"{r['dataset']}/{r['split']}", 0)]
     summary = summarize(chosen)
     results = {"splits": summary, "table2": table2(summary), "table3": table3(summary)}
-    _atomic_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
-    _atomic_text(output_dir / RESULTS_MD, markdown(results, method))
+    atomic_write_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
+    atomic_write_text(output_dir / RESULTS_MD, markdown(results, method))

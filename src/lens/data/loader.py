@@ -3,7 +3,7 @@
 Every data source is viewed as a sequence of *items*; an item is one image with one or more queries about it
 (a semantic-segmentation image gives up to ``num_classes_per_sample`` class phrases, a synthetic scene up to as
 many of its queries, a ReasonSeg / REFER sample exactly one). ``QueryDataset.rows(index, epoch)`` turns an item
-into *rows*, plain dicts that the model (``LensModel.prepare``), the feature cache and the evaluation consume.
+into *rows* (``ImageRow``) that the model (``LensModel.prepare``), the feature cache and the evaluation consume.
 
 Training draws come from ``MixtureSampler``: a draw is ``DrawKey(name, index, epoch)`` and everything random
 about it (which classes, which sentence, which question template) is a pure function of the seed and the key,
@@ -16,6 +16,7 @@ import logging
 import random
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -30,8 +31,28 @@ from lens.data.types import Sample
 
 logger = logging.getLogger(__name__)
 
-# image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, held_out, index, part
-Row = dict[str, Any]
+
+@dataclass
+class Row:
+    """One query about one image, as training, the cache and evaluation see it (without the image itself)."""
+
+    instruction: str  # the full prompt: the query in a question template
+    mask: np.ndarray  # (H, W) uint8: 1 target, 0 background, IGNORE_INDEX ignored
+    query: str
+    name: str
+    source: str
+    is_sentence: bool
+    kind: str
+    held_out: bool
+    index: int  # the item of its dataset
+    part: int  # which of the item's queries
+
+
+@dataclass
+class ImageRow(Row):
+    """A row read from a dataset: the model runs the MLLM and SAM's encoder on ``image``."""
+
+    image: Image.Image
 
 
 class DrawKey(NamedTuple):
@@ -75,27 +96,27 @@ class QueryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> list[Row]:
+    def __getitem__(self, index: int) -> list[ImageRow]:
         return self.rows(index)
 
-    def rows(self, index: int, epoch: int = 0) -> list[Row]:
-        out = []
+    def rows(self, index: int, epoch: int = 0) -> list[ImageRow]:
+        out: list[ImageRow] = []
         for part, sample in enumerate(_draw(self.reader, index, epoch)):
             rng = random.Random(draw_seed(self.seed, epoch, self.name, index, part)) if self.train else None
             out.append(
-                {
-                    "image": Image.fromarray(sample.image),
-                    "instruction": format_question(sample.query, sample.is_sentence, rng),
-                    "mask": sample.mask,  # (H, W) uint8
-                    "query": sample.query,
-                    "name": sample.name,
-                    "source": sample.source,
-                    "is_sentence": sample.is_sentence,
-                    "kind": sample.kind,
-                    "held_out": sample.held_out,
-                    "index": index,
-                    "part": part,
-                }
+                ImageRow(
+                    instruction=format_question(sample.query, sample.is_sentence, rng),
+                    mask=sample.mask,
+                    query=sample.query,
+                    name=sample.name,
+                    source=sample.source,
+                    is_sentence=sample.is_sentence,
+                    kind=sample.kind,
+                    held_out=sample.held_out,
+                    index=index,
+                    part=part,
+                    image=Image.fromarray(sample.image),
+                )
             )
         return out
 
