@@ -78,6 +78,12 @@ def test_round_trip_gives_the_same_inputs_and_outputs(lens, dataset, tmp_path):
         np.testing.assert_array_equal(a.mask, b.mask)
     # both rows of item 0 point at the one stored SAM embedding
     assert torch.equal(rows[0].sam_embedding, rows[1].sam_embedding)
+    # a row owns its tensors: a DataLoader worker pickles the row, not the shard it was cut from
+    for row in rows:
+        for name in ("hidden_states", "position_ids", "image_span", "text_span", "sam_embedding"):
+            tensor = getattr(row, name)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+        assert row.mask.base is None or row.mask.base.size == row.mask.size
 
     expected_inputs = lens_inputs(lens, raw)  # computed on the fly, padded over these five rows
     inputs = stack_cached(rows)

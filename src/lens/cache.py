@@ -297,16 +297,21 @@ class CachedDataset:
             m0, m1 = (int(x) for x in handle.get_slice("mask_offsets")[r : r + 2])
             geometry = ImageGeometry(**meta[r]["geometry"])
             image = int(handle.get_slice("row_image")[r : r + 1][0])
+            # clone(): a slice is a view into the whole shard's storage, which pickling (DataLoader workers
+            # hand rows to the main process) would copy in full for every row
             out.append(
                 CachedRow(
                     **{k: meta[r].get(k, False) for k in META_FIELDS},  # older caches lack held_out
-                    mask=handle.get_slice("masks")[m0:m1].numpy().reshape(geometry.height, geometry.width),
-                    hidden_states=handle.get_slice("hidden")[t0:t1],  # (L_i, d)
-                    position_ids=handle.get_slice("position_ids")[t0:t1],  # (L_i,)
-                    image_span=handle.get_slice("image_span")[r : r + 1][0],  # (2,)
-                    text_span=handle.get_slice("text_span")[r : r + 1][0],  # (2,)
-                    answer_index=handle.get_slice("answer_index")[r : r + 1][0],
-                    sam_embedding=handle.get_slice("sam")[image : image + 1][0],  # (d_s, h, w)
+                    mask=handle.get_slice("masks")[m0:m1]
+                    .numpy()
+                    .reshape(geometry.height, geometry.width)
+                    .copy(),
+                    hidden_states=handle.get_slice("hidden")[t0:t1].clone(),  # (L_i, d)
+                    position_ids=handle.get_slice("position_ids")[t0:t1].clone(),  # (L_i,)
+                    image_span=handle.get_slice("image_span")[r : r + 1][0].clone(),  # (2,)
+                    text_span=handle.get_slice("text_span")[r : r + 1][0].clone(),  # (2,)
+                    answer_index=handle.get_slice("answer_index")[r : r + 1][0].clone(),
+                    sam_embedding=handle.get_slice("sam")[image : image + 1][0].clone(),  # (d_s, h, w)
                     geometry=geometry,
                     image_id=(str(self.directory), index // self.shard_size, image),
                 )
