@@ -1,4 +1,5 @@
 # The two commands of the README. Both set up first, so a fresh clone needs nothing else.
+# setup installs torch==2.13.0 from pip's configured index (a CUDA wheel installed before is kept).
 PYTHON ?= python3
 
 .PHONY: setup demo test lint
@@ -10,13 +11,13 @@ setup:
 demo: setup
 	lens demo
 
-test: setup
-	$(PYTHON) -m ruff check src tests benchmarks
+# ruff covers every Python file and every Python block in the Markdown files of the repository
+test: setup lint
 	$(PYTHON) -m pytest
 
 lint:
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers: the first runs
 # of the MLLM and SAM were trained on a GPU, their continuations and the head on CPU; each command uses a GPU
@@ -41,6 +42,6 @@ world: setup
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
 		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2
 	rm -rf runs/synthetic
-	lens train configs/synthetic.yaml --output-dir runs/synthetic --eval-every 0 --save-every 500 --eval-limit 200 --lr-schedule cosine
+	lens train configs/synthetic.yaml --output-dir runs/synthetic
 	rm -rf $(ASSETS)/lens && cp -r runs/synthetic/model $(ASSETS)/lens
 	lens eval $(ASSETS)/lens --splits synthetic/test --output-dir runs/synthetic-eval

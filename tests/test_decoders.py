@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.sam2.processing_sam2 import Sam2Processor
 
-from conftest import TINY_LAYER, random_image
+from helpers import TINY_LAYER, random_image
 from lens.backbone import LlavaBackbone
 from lens.config import LensConfig
 from lens.decoders import DECODERS
@@ -341,7 +341,8 @@ def test_build_and_load_lens_through_local_directories(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["sam_hq", "sam2"])
 def test_cached_tuple_embeddings_give_the_same_outputs(name, tmp_path):
-    from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs, stack_cached
+    from lens.batches import lens_inputs
+    from lens.cache import CachedDataset, CacheKey, build_cache, stack_cached
     from lens.data.loader import QueryDataset
     from lens.data.types import Sample
 

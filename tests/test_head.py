@@ -34,13 +34,7 @@ GRID = torch.tensor([2, 3])
 
 def test_layer_matches_hf_llama_decoder_layer():
     """The head mirrors the backbone layer exactly: same weights, same output (independent reference)."""
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6
-    )
-    config._attn_implementation = "eager"
-    hf_layer = LlamaDecoderLayer(config, layer_idx=0).eval()
-    for p in hf_layer.parameters():  # RMSNorm weights are ones by default: make the test sensitive to them
-        torch.nn.init.normal_(p, std=0.1)
+    hf_layer, config = _hf_llama_layer()
     head = SegmentationHead(SPEC)
     head.layers[0].load_state_dict(hf_layer.state_dict())
     hidden, attention_mask, positions, *_ = _inputs(B=1, text_end=(12,))

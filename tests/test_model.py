@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import box_mask, make_lens, random_image
+from helpers import box_mask, make_lens, random_image
 from lens.geometry import GridFrame
 from lens.model import LensInputs
 from lens.weights import load_lens_weights, save_lens_weights

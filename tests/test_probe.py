@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_LAYER, random_image
+from helpers import TINY_LAYER, random_image
 from lens.backbone import LlavaBackbone
 from lens.backbone.base import Backbone, BackboneFeatures
 from lens.cli import app
+from lens.data.loader import ImageRow
 from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
 from lens.probe import LayerScore, cell_centres_on, probe, recommend, score_query, text_image_maps
 from lens.tiny import build_tiny_models
@@ -170,6 +171,10 @@ class OneLayerPoints(Backbone):
         return features, attentions
 
 
+def _row(image, instruction: str, mask: np.ndarray) -> ImageRow:
+    return ImageRow(instruction, mask, instruction, "probe", "test", False, "", False, 0, 0, image)
+
+
 def test_probe_recommends_the_layer_that_points():
     rows = []
     rng = np.random.default_rng(0)
@@ -179,10 +184,8 @@ def test_probe_recommends_the_layer_that_points():
         image.info["target_cell"] = (row, col)
         mask = np.zeros((32, 32), np.uint8)
         mask[row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = 1  # exactly the target cell
-        rows.append({"image": image, "instruction": "the thing", "mask": mask})
-    rows.insert(
-        2, {"image": random_image(32, 32), "instruction": "nothing", "mask": np.zeros((32, 32), np.uint8)}
-    )
+        rows.append(_row(image, "the thing", mask))
+    rows.insert(2, _row(random_image(32, 32), "nothing", np.zeros((32, 32), np.uint8)))
     result = probe(OneLayerPoints(layers=5, good=3), rows, batch_size=4)
     assert result.queries == 6 and result.recommended == 3 and result.within_error == [3]
     by_layer = {s.layer: s for s in result.layers}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lens.backbone.base import Backbone, BackboneFeatures
+from lens.data.loader import ImageRow
 
 
 @dataclass
@@ -143,7 +144,7 @@ def score_query(maps: Tensor, cover: Tensor, on_target: Tensor, valid: Tensor) -
 
 def probe(
     backbone: Backbone,
-    rows: Iterable[dict],
+    rows: Iterable[ImageRow],
     batch_size: int = 8,
     model: str = "",
     data: str = "",
@@ -154,21 +155,21 @@ def probe(
     """
     start = time.perf_counter()
     scored: list[QueryScores] = []
-    batch: list[dict] = []
+    batch: list[ImageRow] = []
 
-    def run(batch: list[dict]) -> None:
-        images = [row["image"] for row in batch]
-        features, attentions = backbone.layer_attentions(images, [row["instruction"] for row in batch])
+    def run(batch: list[ImageRow]) -> None:
+        images = [row.image for row in batch]
+        features, attentions = backbone.layer_attentions(images, [row.instruction for row in batch])
         for b, (row, maps) in enumerate(zip(batch, text_image_maps(features, attentions), strict=True)):
             geometry = features.geometries[b]
-            target = torch.from_numpy(np.asarray(row["mask"]) == 1)  # (H, W)
+            target = torch.from_numpy(np.asarray(row.mask) == 1)  # (H, W)
             cover = geometry.mask_to_grid(target.float())
             scored.append(
                 score_query(maps, cover, cell_centres_on(geometry, target), geometry.valid_cells().bool())
             )
 
     for row in rows:
-        if not (np.asarray(row["mask"]) == 1).any():
+        if not (np.asarray(row.mask) == 1).any():
             continue
         batch.append(row)
         if len(batch) == batch_size:
@@ -196,31 +197,27 @@ def probe(
     )
 
 
-def probe_rows(data: str, config_data=None, limit: int | None = None) -> Iterable[dict]:
+def probe_rows(data: str, config_data=None, limit: int | None = None) -> Iterable[ImageRow]:
     """Evaluation rows (reference prompts) of ``data`` = "dataset/split", e.g. "synthetic/val".
 
     The synthetic world needs no files (seed 0 unless ``config_data`` says otherwise); other datasets are read
     from the roots in ``config_data`` (a ``DataConfig``). ``limit`` counts rows with a target.
     """
     from lens.config import DataConfig
-    from lens.data.loader import SYNTHETIC, build_eval_dataset
+    from lens.data.loader import build_eval_dataset
 
     if "/" not in data:
         raise ValueError(f"--data must be dataset/split, e.g. synthetic/val; got {data!r}")
     dataset, split = data.split("/", 1)
-    if config_data is None:
-        config_data = DataConfig(synthetic_seed=0)
-    if dataset == SYNTHETIC:
-        seed = 0 if config_data.synthetic_seed is None else config_data.synthetic_seed
-        # A scene holds several queries with a target, so ``limit`` scenes are enough (listing all 500: ~10 s).
-        config_data = dataclasses.replace(config_data, synthetic_seed=seed, synthetic_eval_scenes=limit)
+    if config_data is None:  # a dataset that needs no files (the synthetic world) with its default options
+        config_data = DataConfig(datasets={dataset: {}})
     source = build_eval_dataset(config_data, dataset, split)
     taken = 0
     for index in range(len(source)):
         for row in source.rows(index):
             if limit is not None and taken >= limit:
                 return
-            if (np.asarray(row["mask"]) == 1).any():
+            if (np.asarray(row.mask) == 1).any():
                 taken += 1
                 yield row
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
 from lens.config import BackboneConfig, LensConfig
 from lens.decoders import MaskDecoderBridge, load_decoder
+from lens.io import atomic_write
 from lens.model import LensModel
 
 logger = logging.getLogger(__name__)
@@ -66,20 +65,13 @@ def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
         (WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata)),
         (CONFIG_NAME, model.config.to_yaml),
     ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(directory / name, write)
     return directory
 
 
 def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
-    """Fill the trainable parts of ``model`` from a checkpoint directory or ``.safetensors`` file."""
-    path = Path(path)
+    """Fill the trainable parts of ``model`` from a checkpoint directory, ``.safetensors`` file or ``lens:`` id."""
+    path = Path(resolve_model_id(str(path)))  # a directory, a .safetensors file or a shipped lens: id
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")
