@@ -162,10 +162,15 @@ class LensModel(nn.Module):
     def predict(
         self, image: Image.Image | np.ndarray, text: str | Sequence[str]
     ) -> Prediction | list[Prediction]:
-        """Segment what ``text`` asks for in ``image``. A list of texts shares one SAM image embedding."""
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        texts = [text] if isinstance(text, str) else list(text)
+        """Segment what ``text`` asks for in ``image``. A list of texts shares one SAM image embedding.
+
+        ``image``: anything ``lens.images.load_image`` accepts (PIL image, path, bytes, array, tensor);
+        bad images and queries raise ``lens.errors.InvalidInput`` naming the problem.
+        """
+        from lens.images import load_image, validate_queries
+
+        image = load_image(image)  # upright 8-bit RGB: EXIF orientation, 16-bit, float / CHW arrays
+        texts = validate_queries([text] if isinstance(text, str | bytes) else list(text), self.backbone)
         if not texts:
             raise ValueError("predict() needs at least one text")
         was_training = self.training
@@ -193,4 +198,4 @@ class LensModel(nn.Module):
                     geometry=geometry,
                 )
             )
-        return predictions[0] if isinstance(text, str) else predictions
+        return predictions[0] if isinstance(text, str | bytes) else predictions
