@@ -116,7 +116,7 @@ def test_refused_inputs_name_the_problem(source, message: str) -> None:
 
 
 def test_missing_and_truncated_files(tmp_path: Path) -> None:
-    with pytest.raises(ImageNotFound, match="no image file at"):
+    with pytest.raises(ImageNotFound, match="no image at"):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(FileNotFoundError):  # also a FileNotFoundError
         load_image(str(tmp_path / "nope.jpg"))

@@ -55,7 +55,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     if isinstance(source, str | Path):
         path = Path(source)
         if not path.is_file():
-            raise ImageNotFound(f"no image file at {path}")
+            raise ImageNotFound(f"no image at {path}")
         with path.open("rb") as handle:
             return _open(handle, str(path), max_pixels)
     if isinstance(source, bytes | bytearray | memoryview):
@@ -183,6 +183,12 @@ def validate_query(text: Any, *, placeholders: Sequence[str] = IMAGE_PLACEHOLDER
             ) from None
     if not isinstance(text, str):
         raise InvalidInput(f"query must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: how Python hands over non-UTF-8 bytes of argv
+        raise InvalidInput(
+            f"query is not valid UTF-8 (undecodable character at position {err.start})"
+        ) from None
     stripped = text.strip()
     if not stripped:
         raise InvalidInput("query is empty" if not text else "query is only whitespace")
