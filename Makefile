@@ -41,6 +41,6 @@ world: setup
 	$(PYTHON) -m lens.world.sam --out $(ASSETS)/sam --init-from runs/sam-base --steps 3000 --lr 1e-3 \
 		--warmup-steps 50 --seed 1 --num-threads 2 --render-workers 2
 	rm -rf runs/synthetic
-	lens train configs/synthetic.yaml --output-dir runs/synthetic --eval-every 0 --save-every 500 --eval-limit 200 --lr-schedule cosine
+	lens train configs/synthetic.yaml --output-dir runs/synthetic
 	rm -rf $(ASSETS)/lens && cp -r runs/synthetic/model $(ASSETS)/lens
 	lens eval $(ASSETS)/lens --splits synthetic/test --output-dir runs/synthetic-eval

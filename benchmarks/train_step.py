@@ -27,9 +27,10 @@ from collections.abc import Callable
 
 import torch
 
-from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs
+from lens.batches import lens_inputs
+from lens.cache import CachedDataset, CacheKey, build_cache
 from lens.config import LensConfig
-from lens.data.loader import SYNTHETIC, ItemSource, Row
+from lens.data.loader import ItemSource, Row
 from lens.training import build_train_data
 from lens.weights import build_lens, strip_frozen_encoders
 
@@ -67,9 +68,10 @@ def time_steps(
     model = build_lens(config, device).train()
     data = build_train_data(config).train
     per_step = config.train.batch_size
-    source = _FirstItems(next(iter(data.values())), (warmup + steps) * per_step)  # synthetic training scenes
+    name = next(iter(data))  # the config's first training dataset (the synthetic world's scenes)
+    source = _FirstItems(data[name], (warmup + steps) * per_step)
     if cached:
-        key = CacheKey.from_config(config, SYNTHETIC, "train", train=True, seed=config.train.seed)
+        key = CacheKey.from_config(config, name, "train", train=True, seed=config.train.seed)
         with tempfile.TemporaryDirectory() as directory:
             build_cache(model, source, directory, key, shard_size=len(source), batch_size=3 * per_step)
             source = CachedDataset(directory, key)

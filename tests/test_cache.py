@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import box_mask, make_lens, random_image
+from lens.batches import lens_inputs
 from lens.cache import (
     MANIFEST_NAME,
     SHARD_NAME,
@@ -17,7 +18,6 @@ from lens.cache import (
     CacheKey,
     _item_batches,
     build_cache,
-    lens_inputs,
     stack_cached,
 )
 from lens.data.loader import QueryDataset
@@ -73,12 +73,17 @@ def test_round_trip_gives_the_same_inputs_and_outputs(lens, dataset, tmp_path):
     rows = [row for i in range(len(cached)) for row in cached.rows(i, epoch=5)]
     assert len(rows) == len(raw) == 5
     for a, b in zip(raw, rows, strict=True):
-        assert {k: a[k] for k in ("instruction", "name", "query", "is_sentence", "index", "part")} == {
-            k: b[k] for k in ("instruction", "name", "query", "is_sentence", "index", "part")
-        }
-        np.testing.assert_array_equal(a["mask"], b["mask"])
+        fields = ("instruction", "name", "query", "is_sentence", "index", "part", "kind", "held_out")
+        assert {k: getattr(a, k) for k in fields} == {k: getattr(b, k) for k in fields}
+        np.testing.assert_array_equal(a.mask, b.mask)
     # both rows of item 0 point at the one stored SAM embedding
-    assert torch.equal(rows[0]["sam_embedding"], rows[1]["sam_embedding"])
+    assert torch.equal(rows[0].sam_embedding, rows[1].sam_embedding)
+    # a row owns its tensors: a DataLoader worker pickles the row, not the shard it was cut from
+    for row in rows:
+        for name in ("hidden_states", "position_ids", "image_span", "text_span", "sam_embedding"):
+            tensor = getattr(row, name)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+        assert row.mask.base is None or row.mask.base.size == row.mask.size
 
     expected_inputs = lens_inputs(lens, raw)  # computed on the fly, padded over these five rows
     inputs = stack_cached(rows)
@@ -147,9 +152,9 @@ def test_interrupted_build_resumes_without_recomputing_finished_shards(lens, dat
     resumed, fresh = CachedDataset(tmp_path / "cache"), CachedDataset(tmp_path / "fresh")
     for i in range(len(fresh)):
         for a, b in zip(resumed.rows(i), fresh.rows(i), strict=True):
-            assert torch.equal(a["hidden_states"], b["hidden_states"])
-            assert torch.equal(a["sam_embedding"], b["sam_embedding"])
-            assert a["instruction"] == b["instruction"]
+            assert torch.equal(a.hidden_states, b.hidden_states)
+            assert torch.equal(a.sam_embedding, b.sam_embedding)
+            assert a.instruction == b.instruction
 
 
 def test_model_for_the_cache_has_the_same_trainable_parts_and_no_mllm(tiny_models, tmp_path):
@@ -178,11 +183,11 @@ def test_shared_prefix_of_cached_rows_stops_at_the_first_difference(lens, datase
     rows = CachedDataset(tmp_path, _key(lens)).rows(0)  # two rows on one image
     shared = stack_cached(rows).features.shared_length
     assert shared > 3
-    rows[1]["hidden_states"] = rows[1]["hidden_states"].clone()
-    rows[1]["hidden_states"][3, 0] += 1e-3  # position 3 no longer equal: the head may share 0..2 only
+    rows[1].hidden_states = rows[1].hidden_states.clone()
+    rows[1].hidden_states[3, 0] += 1e-3  # position 3 no longer equal: the head may share 0..2 only
     assert stack_cached(rows).features.shared_length == 3
     for row in rows:
-        del row["image_id"]  # rows that do not say which image they show share nothing
+        row.image_id = None  # rows that do not say which image they show share nothing
     f = stack_cached(rows).features
     assert f.image_index is None and f.shared_length == 0
 

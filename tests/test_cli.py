@@ -41,9 +41,12 @@ def test_export_world_is_readable_as_reason_seg(tmp_path):
 def test_train_rejects_bad_loop_options_before_writing_anything(tmp_path):
     out = tmp_path / "run"
     for flags, named in (
-        (["--eval-every", "-1"], "eval_every must be >= 0"),
-        (["--save-every", "0"], "save_every must be >= 1"),
-        (["--lr-schedule", "cosin"], "lr_schedule must be one of linear, cosine"),
+        (["--set", "train.eval_every=-1"], "train.eval_every must be >= 0"),
+        (["--set", "train.save_every=0"], "train.save_every must be >= 1"),
+        (["--set", "train.lr_schedule=cosin"], "train.lr_schedule must be one of linear, cosine"),
+        (["--set", "train.lr_shedule=cosine"], "unknown key(s) ['lr_shedule']"),
+        (["--set", "train.lr"], "--set expects section.key=value"),
+        (["--stop-at-step", "0"], "stop_at_step must be >= 1"),
     ):
         result = runner.invoke(app, ["train", str(CONFIG), "--output-dir", str(out), *flags])
         assert result.exit_code == 2, result.output

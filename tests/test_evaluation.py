@@ -15,9 +15,10 @@ from PIL import Image
 from conftest import make_lens
 from lens.cache import CacheKey, build_cache
 from lens.config import DataConfig, LensConfig
-from lens.data.loader import QueryDataset, SyntheticQueries, build_eval_dataset
+from lens.data.loader import QueryDataset, build_eval_dataset
 from lens.data.reason_seg import ReasonSegDataset
 from lens.data.synthetic import SyntheticWorld, export_split
+from lens.data.synthetic.dataset import SyntheticQueries
 from lens.evaluation import (
     PARTS_DIR,
     PER_SAMPLE_NAME,
@@ -107,8 +108,9 @@ def test_synthetic_evaluation_scores_held_out_targets_apart(lens, tmp_path):
         seed=0, height=64, width=80, held_out_pairs=frozenset({("red", "star"), ("blue", "ring")})
     )
     reader = SyntheticQueries(world, "test", num_scenes=12)
+    queries = [reader.query(i) for i in range(len(reader))]
     held = [
-        q.target is not None and (q.target.colour, q.target.shape) in world.held_out_pairs for q in reader
+        q.target is not None and (q.target.colour, q.target.shape) in world.held_out_pairs for q in queries
     ]
     assert 0 < sum(held) < len(held)
     split = EvalSplit("synthetic", "test", QueryDataset(reader, "synthetic"))
@@ -116,7 +118,7 @@ def test_synthetic_evaluation_scores_held_out_targets_apart(lens, tmp_path):
     records = [json.loads(line) for line in (tmp_path / PER_SAMPLE_NAME).read_text().splitlines()]
     assert [r["held_out"] for r in sorted(records, key=lambda r: r["index"])] == held
     preds = [np.asarray(Image.open(prediction_path(tmp_path, r))) > 0 for r in records if r["held_out"]]
-    truths = [reader[r["index"]].sample.mask for r in records if r["held_out"]]
+    truths = [reader[r["index"]].mask for r in records if r["held_out"]]
     giou, ciou = giou_ciou(preds, truths)
     found = results["splits"]["synthetic/test"]["held_out"]
     assert (found["giou"], found["ciou"], found["count"]) == (
@@ -198,13 +200,19 @@ def test_evaluation_from_the_feature_cache_matches(lens, export_root, tmp_path):
 
 
 def test_synthetic_eval_scenes_picks_the_scenes_scored_and_keys_the_cache():
-    """data.synthetic_eval_scenes: the first N scenes' every query, None the whole split; caches record N."""
-    world = SyntheticWorld(seed=0, height=64, width=64, val_size=7)
-    per_scene = [len(scene.segmentation_queries()) for scene in world.split("val")]
+    """data.datasets.synthetic.eval_scenes: the first N scenes' every query, null the whole split (default 100);
+    caches record N for evaluation splits only."""
+    world = {"seed": 0, "height": 64, "width": 64, "val_size": 7}
+    per_scene = [len(scene.segmentation_queries()) for scene in SyntheticWorld(**world).split("val")]
     for scenes, expected in ((3, sum(per_scene[:3])), (None, sum(per_scene)), (100, sum(per_scene))):
-        data = DataConfig(synthetic_seed=0, synthetic_eval_scenes=scenes)
-        assert len(build_eval_dataset(data, "synthetic", "val", world)) == expected
-    config = LensConfig(data=DataConfig(synthetic_seed=0, synthetic_eval_scenes=3))
-    assert CacheKey.from_config(config, "synthetic", "val", train=False).scenes == 3
-    assert CacheKey.from_config(config, "synthetic", "train", train=True).scenes is None
-    assert CacheKey.from_config(config, "reason_seg", "val", train=False).scenes is None
+        data = DataConfig(datasets={"synthetic": {**world, "eval_scenes": scenes}})
+        assert len(build_eval_dataset(data, "synthetic", "val")) == expected
+    config = LensConfig(data=DataConfig(datasets={"synthetic": {"seed": 0, "eval_scenes": 3}}))
+    assert json.loads(CacheKey.from_config(config, "synthetic", "val", train=False).options) == {
+        "seed": 0,
+        "eval_scenes": 3,
+    }
+    assert json.loads(CacheKey.from_config(config, "synthetic", "train", train=True).options) == {"seed": 0}
+    assert CacheKey.from_config(config, "reason_seg", "val", train=False).options == "{}"
+    with pytest.raises(ValueError, match="unknown key.*'sede'"):
+        build_eval_dataset(DataConfig(datasets={"synthetic": {"sede": 0}}), "synthetic", "val")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lens.config import LensConfig, LossConfig
-from lens.losses import attention_loss, dice_loss, lens_loss, mask_bce_loss
+from lens.losses import attention_loss, batched_mask_losses, dice_loss, lens_loss, mask_bce_loss
 
 
 def test_dice_by_hand():
@@ -32,14 +32,44 @@ def test_attention_loss_by_hand():
     assert abs(float(attention_loss(a, m)) - expected) < 1e-6
 
 
-def test_total_is_weighted_sum():
-    logits = [torch.randn(4, 5)]
-    target = [torch.randint(0, 2, (4, 5), dtype=torch.uint8)]
-    a, m = torch.rand(1, 2, 2), torch.rand(1, 2, 2)
-    out = lens_loss(logits, target, a, m, LossConfig(dice_weight=2, bce_weight=4, attention_weight=1))
-    torch.testing.assert_close(
-        out["loss"], 2 * out["dice_loss"] + 4 * out["bce_loss"] + out["attention_loss"]
-    )
+def test_total_by_hand():
+    """Two masks of different sizes, one with an ignored pixel; every term written out from eq. 5-7."""
+    logits = [torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0, 9.0]])]  # p = (.5, .5) and (.75, .5, -)
+    targets = [torch.tensor([[1, 0]], dtype=torch.uint8), torch.tensor([[1, 1, 255]], dtype=torch.uint8)]
+    a, m = torch.full((2, 1, 2), 0.5), torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])
+    out = lens_loss(logits, targets, a, m, LossConfig(dice_weight=2, bce_weight=4, attention_weight=1))
+    k, eps = 1000, 1e-6  # LISA's scale and smoothing
+    dice = [
+        1 - (2 * 0.5 / k + eps) / ((0.5 + 0.5) / k + 1 / k + eps),
+        1 - (2 * 1.25 / k + eps) / (1.25 / k + 2 / k + eps),
+    ]
+    bce = [math.log(2), -(math.log(0.75) + math.log(0.5)) / 2]
+    attention = math.log(2)  # every cell: A_c = 0.5, BCE = ln 2 whatever the target
+    expected = {
+        "dice_loss": sum(dice) / 2,
+        "bce_loss": sum(bce) / 2,
+        "attention_loss": attention,
+        "loss": 2 * sum(dice) / 2 + 4 * sum(bce) / 2 + attention,
+    }
+    assert {k: float(v) for k, v in out.items()} == pytest.approx(expected, rel=1e-6)
+
+
+def test_batched_mask_losses_equal_the_per_mask_loop():
+    torch.manual_seed(0)
+    sizes = [(5, 7), (12, 3), (1, 1), (8, 8)]
+    logits = [torch.randn(h, w, requires_grad=True) for h, w in sizes]
+    targets = [torch.randint(0, 2, (h, w), dtype=torch.uint8) for h, w in sizes]
+    targets[0][0, :3] = 255
+    targets[2][0, 0] = 255  # a mask with no valid pixel at all
+    dice, bce = batched_mask_losses(logits, targets)
+    loop_dice = torch.stack([dice_loss(x, t) for x, t in zip(logits, targets, strict=True)]).mean()
+    loop_bce = torch.stack([mask_bce_loss(x, t) for x, t in zip(logits, targets, strict=True)]).mean()
+    torch.testing.assert_close(dice, loop_dice, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bce, loop_bce, rtol=1e-6, atol=1e-7)
+    batched = torch.autograd.grad(2 * dice + 4 * bce, logits)
+    looped = torch.autograd.grad(2 * loop_dice + 4 * loop_bce, logits)
+    for g, h in zip(batched, looped, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
 
 
 def test_paper_defaults():
@@ -76,4 +106,37 @@ def test_yaml_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize("name", ["synthetic.yaml", "synthetic-whole-splits.yaml", "train_llava7b.yaml"])
 def test_shipped_configs_load(name):
     config = LensConfig.from_yaml(Path(__file__).parents[1] / "configs" / name)
-    assert config.data.synthetic_eval_scenes == (None if name == "synthetic-whole-splits.yaml" else 100)
+    expected = {
+        "synthetic.yaml": {"synthetic": {"seed": 0}},
+        "synthetic-whole-splits.yaml": {"synthetic": {"seed": 0, "eval_scenes": None}},
+        "train_llava7b.yaml": {},
+    }
+    assert config.data.datasets == expected[name]
+
+
+def test_configs_written_before_the_datasets_section_still_load():
+    old = {"data": {"synthetic_seed": 3, "synthetic_eval_scenes": None, "num_workers": 0}}
+    assert LensConfig.from_dict(old).data.datasets == {"synthetic": {"seed": 3, "eval_scenes": None}}
+    assert LensConfig.from_dict({"data": {"synthetic_seed": None}}).data.datasets == {}
+
+
+def test_the_synthetic_recipe_records_the_shipped_schedule():
+    """configs/synthetic.yaml is the whole recipe of the shipped head: no command-line flag is needed."""
+    train = LensConfig.from_yaml(Path(__file__).parents[1] / "configs" / "synthetic.yaml").train
+    assert (train.lr_schedule, train.max_steps, train.warmup_steps, train.lr) == ("cosine", 32000, 50, 4e-4)
+    assert (train.eval_every, train.eval_limit, train.save_every, train.batch_size) == (0, 200, 500, 8)
+
+
+def test_override_sets_one_value_and_names_a_bad_one():
+    config = LensConfig().override(
+        ["train.lr_schedule=cosine", "data.datasets.synthetic.seed=2", "train.lr=1e-3"]
+    )
+    assert (config.train.lr_schedule, config.train.lr, config.data.datasets) == (
+        "cosine",
+        1e-3,
+        {"synthetic": {"seed": 2}},
+    )
+    with pytest.raises(ValueError, match=r"config.train: unknown key\(s\) \['lr_shedule'\]"):
+        LensConfig().override(["train.lr_shedule=cosine"])
+    with pytest.raises(ValueError, match="train.save_every must be >= 1"):
+        LensConfig().override(["train.save_every=0"])

@@ -15,40 +15,49 @@ from lens.cache import CacheKey, build_cache
 from lens.checkpoints import CHECKPOINTS, LENS_SUBDIR, latest_checkpoint
 from lens.config import LensConfig
 from lens.data.loader import (
-    SYNTHETIC,
+    ImageRow,
     MixtureBatchSampler,
     build_eval_dataset,
     build_train_datasets,
     train_ratios,
 )
-from lens.data.mixing import MixtureSampler
-from lens.data.synthetic import SyntheticWorld
+from lens.data.mixing import DEFAULT_GROUPS, MixtureSampler, resolve_weights
+from lens.data.synthetic.dataset import SYNTHETIC
 from lens.data.templates import format_question
 from lens.evaluation import EvalSplit
 from lens.model import TRAINABLE_PREFIXES
 from lens.tiny import build_tiny_models
-from lens.training import FINAL, LOG_NAME, LoopOptions, TrainData, build_train_data, train
+from lens.training import FINAL, LOG_NAME, TrainData, build_train_data, train
 from lens.weights import WEIGHTS_NAME, save_lens_weights, strip_frozen_encoders
 
 LR, WARMUP, STEPS = 1e-3, 1, 4
+TINY_WORLD = {"seed": 0, "height": 64, "width": 64, "train_size": 6, "val_size": 1}
 
 
 def _config() -> LensConfig:
     config = LensConfig()
     config.backbone.dtype = "float32"
-    config.data.synthetic_seed = 0
+    config.data.datasets = {"synthetic": dict(TINY_WORLD)}
     config.data.num_workers = 0
     config.data.num_classes_per_sample = 2
     config.train = dataclasses.replace(
-        config.train, lr=LR, warmup_steps=WARMUP, max_steps=STEPS, batch_size=1, grad_accum_steps=2
+        config.train,
+        lr=LR,
+        warmup_steps=WARMUP,
+        max_steps=STEPS,
+        batch_size=1,
+        grad_accum_steps=2,
+        save_every=100,
+        eval_every=2,
+        eval_limit=2,
+        keep_checkpoints=1,
     )
     return config
 
 
 def _data(config: LensConfig) -> TrainData:
-    world = SyntheticWorld(seed=0, height=64, width=64, train_size=6, val_size=1)
-    train = build_train_datasets(config.data, config.train.seed, world)
-    val = EvalSplit(SYNTHETIC, "val", build_eval_dataset(config.data, SYNTHETIC, "val", world))
+    train = build_train_datasets(config.data, config.train.seed)
+    val = EvalSplit(SYNTHETIC, "val", build_eval_dataset(config.data, SYNTHETIC, "val"))
     return TrainData(dict(train), train_ratios(config.data), val)
 
 
@@ -57,26 +66,22 @@ def _fresh_lens():
     return make_lens(build_tiny_models(seed=0), backbone__dtype="float32")
 
 
-OPTIONS = LoopOptions(save_every=100, eval_every=2, eval_limit=2, keep_checkpoints=1)
-
-
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     config = _config()
     initial = {k: v.clone() for k, v in _fresh_lens().trainable_state_dict().items()}
-    full = train(config, tmp_path / "full", model=_fresh_lens(), data=_data(config), options=OPTIONS)
+    full = train(config, tmp_path / "full", model=_fresh_lens(), data=_data(config))
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     # linear warm-up over one step, then linear decay to zero at STEPS (LISA's WarmupDecayLR)
     assert [r["lr"] for r in full] == pytest.approx([0.0, LR, LR * 2 / 3, LR / 3])
     assert "val_giou" in full[1] and "val_giou" in full[3] and "val_giou" not in full[2]
 
-    stopped = dataclasses.replace(OPTIONS, stop_at_step=2)
-    first = train(config, tmp_path / "cut", model=_fresh_lens(), data=_data(config), options=stopped)
+    first = train(config, tmp_path / "cut", model=_fresh_lens(), data=_data(config), stop_at_step=2)
     assert first == full[:2]
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
     assert not (tmp_path / "cut" / FINAL).exists()
     with pytest.raises(FileExistsError):
-        train(config, tmp_path / "cut", model=_fresh_lens(), data=_data(config), options=OPTIONS)
+        train(config, tmp_path / "cut", model=_fresh_lens(), data=_data(config))
 
     # a fresh process: new model (initial weights), new datasets; everything else comes from the checkpoint
     rest = train(
@@ -85,7 +90,6 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
         resume=True,
         model=_fresh_lens(),
         data=_data(config),
-        options=OPTIONS,
     )
     assert rest == full[2:]  # identical losses, learning rates and validation metrics, to the last bit
     assert (tmp_path / "cut" / LOG_NAME).read_text() == (tmp_path / "full" / LOG_NAME).read_text()
@@ -116,14 +120,16 @@ def test_training_from_the_feature_cache_without_an_mllm(tmp_path):
     val_key = CacheKey.from_config(config, SYNTHETIC, "val", train=False)
     build_cache(lens, data.val.data, tmp_path / "cache" / SYNTHETIC / "val", val_key, shard_size=4)
 
-    options = dataclasses.replace(OPTIONS, eval_every=0)  # 0: validate at the last step only
-    raw = train(config, tmp_path / "raw", model=_fresh_lens(), data=data, options=options)
+    config.train.eval_every = 0  # 0: validate at the last step only
+    raw = train(config, tmp_path / "raw", model=_fresh_lens(), data=data)
     assert ["val_giou" in r for r in raw] == [False, True]
     cached_data = build_train_data(config, tmp_path / "cache")
-    assert cached_data.val.label == "synthetic/val" and cached_data.ratios == {SYNTHETIC: 1.0}
+    assert cached_data.val.label == "synthetic/val"
+    weights = resolve_weights(list(cached_data.train), cached_data.ratios, DEFAULT_GROUPS)
+    assert weights == {SYNTHETIC: 1.0}  # the real datasets' ratios drop out: none is configured
     no_mllm = strip_frozen_encoders(_fresh_lens())  # prepare() would raise: nothing runs the MLLM
     assert not any(n.startswith("backbone.") for n, _ in no_mllm.named_parameters())
-    cached = train(config, tmp_path / "cached", model=no_mllm, data=cached_data, options=options)
+    cached = train(config, tmp_path / "cached", model=no_mllm, data=cached_data)
     # epoch-0 draws are what the cache holds, so the first steps see the same rows
     for a, b in zip(raw, cached, strict=True):
         assert b.keys() == a.keys()
@@ -145,7 +151,7 @@ def test_init_from_starts_the_trainable_weights_from_a_checkpoint(tmp_path):
         config.train, lr=0.0, max_steps=1, grad_accum_steps=1, init_from=str(tmp_path / "source")
     )
     data = dataclasses.replace(_data(config), val=None)
-    records = train(config, tmp_path / "restart", model=_fresh_lens(), data=data, options=OPTIONS)
+    records = train(config, tmp_path / "restart", model=_fresh_lens(), data=data)
     assert [r["step"] for r in records] == [1] and records[0]["lr"] == 0.0
     final = load_file(tmp_path / "restart" / FINAL / WEIGHTS_NAME)
     expected = source.trainable_state_dict()
@@ -153,7 +159,7 @@ def test_init_from_starts_the_trainable_weights_from_a_checkpoint(tmp_path):
 
     config.train = dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        train(config, tmp_path / "missing", model=_fresh_lens(), data=data, options=OPTIONS)
+        train(config, tmp_path / "missing", model=_fresh_lens(), data=data)
 
 
 def _sampler() -> MixtureSampler:
@@ -185,18 +191,18 @@ def test_batch_sampler_shards_processes_and_resumes_from_consumed_batches():
 
 def test_training_rows_draw_templates_from_the_seed_and_evaluation_rows_use_the_first():
     config = _config()
-    world = SyntheticWorld(seed=0, height=64, width=64, train_size=3, val_size=1)
-    first, again = (build_train_datasets(config.data, 7, world)[SYNTHETIC] for _ in range(2))
+    config.data.datasets["synthetic"]["train_size"] = 3
+    first, again = (build_train_datasets(config.data, 7)[SYNTHETIC] for _ in range(2))
     rows = {(i, e): first.rows(i, e) for i in range(3) for e in range(3)}
     assert all(
         rows[k] == [] or _texts(again.rows(*k)) == _texts(rows[k]) for k in rows
     )  # pure in (seed, key)
     assert len({tuple(_texts(r)) for r in rows.values()}) > 3  # epochs redraw queries and templates
-    val = build_eval_dataset(config.data, SYNTHETIC, "val", world)
+    val = build_eval_dataset(config.data, SYNTHETIC, "val")
     for i in range(len(val)):
         (row,) = val.rows(i)
-        assert row["instruction"] == format_question(row["query"], row["is_sentence"])
+        assert row.instruction == format_question(row.query, row.is_sentence)
 
 
-def _texts(rows: list[dict]) -> list[str]:
-    return [r["instruction"] for r in rows]
+def _texts(rows: list[ImageRow]) -> list[str]:
+    return [r.instruction for r in rows]

@@ -43,7 +43,7 @@ def _test_queries(world: SyntheticWorld, count: int):
 @shipped
 @pytest.mark.slow
 def test_giou_on_fixed_test_queries(lens_model):
-    world = SyntheticWorld(seed=lens_model.config.data.synthetic_seed or 0)
+    world = SyntheticWorld(seed=lens_model.config.data.datasets["synthetic"]["seed"])
     preds, targets = [], []
     for query in _test_queries(world, NUM_QUERIES):
         sample = query.sample
@@ -63,7 +63,7 @@ def test_loading_the_head_leaves_vqa_unchanged(lens_model):
     path = resolve_model_id(lens_model.config.backbone.model_id)
     plain = LlavaForConditionalGeneration.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
-    world = SyntheticWorld(seed=lens_model.config.data.synthetic_seed or 0)
+    world = SyntheticWorld(seed=lens_model.config.data.datasets["synthetic"]["seed"])
     questions = [
         (world.scene("test", i), qa) for i in range(NUM_QUESTIONS) for qa in world.scene("test", i).vqa()[:1]
     ]

@@ -15,7 +15,7 @@ plus the rows' text and geometry as JSON in the safetensors metadata. Shards are
 
 Training on a cache needs no MLLM in memory: ``lens.weights.build_lens_for_cache`` makes a LENS model whose
 backbone is a ``SpecBackbone`` (the layer's shape, read from the MLLM's config on the meta device) and whose SAM
-has no image encoder; ``stack_cached`` turns cached rows back into the padded ``LensInputs`` the backbone would
+has no image encoder; ``stack_cached`` turns cached rows (``CachedRow``) back into the padded ``LensInputs`` the backbone would
 give.
 """
 
@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,11 @@ from torch import Tensor
 
 from lens.backbone import BackboneFeatures, first_of_each, shared_prefix_length
 from lens.config import LensConfig
-from lens.data.loader import SYNTHETIC, ItemSource, Row
+from lens.data.loader import ImageRow, ItemSource, Row
+from lens.data.registry import get_dataset, registered_names
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
 from lens.geometry import ImageGeometry
+from lens.io import atomic_write, atomic_write_text
 from lens.model import LensInputs, LensModel
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,20 @@ CACHE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
 META_FIELDS = ("instruction", "query", "name", "source", "is_sentence", "kind", "held_out", "index", "part")
+
+
+@dataclass
+class CachedRow(Row):
+    """A row read back from a cache: the frozen stages' outputs instead of the image."""
+
+    hidden_states: Tensor  # (L_i, d): layer-k hidden states of the row's real tokens
+    position_ids: Tensor  # (L_i,)
+    image_span: Tensor  # (2,)
+    text_span: Tensor  # (2,)
+    answer_index: Tensor  # ()
+    sam_embedding: Tensor  # (d_s, h, w)
+    geometry: ImageGeometry
+    image_id: tuple[str, int, int] | None = None  # (cache, shard, image): rows of one image share it
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,9 @@ class CacheKey:
     prompt_template: str  # see prompt_template_id
     dataset: str
     split: str
-    scenes: int | None = None  # a synthetic evaluation split's scene count (data.synthetic_eval_scenes)
+    options: str = (
+        "{}"  # JSON of the dataset's own settings that change its items (DatasetSpec.cache_options)
+    )
 
     @classmethod
     def from_config(
@@ -73,9 +89,22 @@ class CacheKey:
     ) -> CacheKey:
         b, d = config.backbone, config.decoder
         template = prompt_template_id(train, seed)
-        scenes = config.data.synthetic_eval_scenes if dataset == SYNTHETIC and not train else None
+        # a dataset handed in directly (not registered) has no options of its own
+        spec = get_dataset(dataset) if dataset in registered_names() else None
+        options = json.dumps(
+            {} if spec is None else spec.cache_options(config.data, split, train), sort_keys=True
+        )
         return cls(
-            b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split, scenes
+            b.model_id,
+            b.revision,
+            b.layer,
+            b.dtype,
+            d.model_id,
+            d.revision,
+            template,
+            dataset,
+            split,
+            options,
         )
 
     def check(self, found: dict[str, Any], where: str | Path) -> None:
@@ -95,28 +124,17 @@ def prompt_template_id(train: bool, seed: int = 0) -> str:
     return f"lisa-{'train-seed' + str(seed) if train else 'eval'}-{digest[:12]}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write(directory / MANIFEST_NAME, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=1))
 
 
-def _item_batches(items: list[list[Row]], batch_size: int) -> list[list[Row]]:
+def _item_batches(items: list[list[ImageRow]], batch_size: int) -> list[list[ImageRow]]:
     """Rows in batches of up to ``batch_size`` (more if one item has more), never splitting an item.
 
     An item's rows show one image; encoded together, their shared prompt start runs once and comes out bitwise
     equal in every row, which is what lets ``stack_cached`` share it again in the head.
     """
-    batches: list[list[Row]] = [[]]
+    batches: list[list[ImageRow]] = [[]]
     for item in items:
         if batches[-1] and len(batches[-1]) + len(item) > batch_size:
             batches.append([])
@@ -125,18 +143,18 @@ def _item_batches(items: list[list[Row]], batch_size: int) -> list[list[Row]]:
 
 
 def _encode_shard(
-    model: LensModel, items: list[list[Row]], batch_size: int
+    model: LensModel, items: list[list[ImageRow]], batch_size: int
 ) -> tuple[dict[str, Tensor], dict]:
     """Run the frozen stages on the rows of ``items`` and lay the results out as one shard."""
     rows = [row for item in items for row in item]
     item_rows = np.cumsum([0] + [len(item) for item in items])
     first_rows = [item[0] for item in items if item]
-    sam = [model.bridge.embed_images([r["image"] for r in first_rows[i : i + batch_size]]).cpu()
+    sam = [model.bridge.embed_images([r.image for r in first_rows[i : i + batch_size]]).cpu()
            for i in range(0, len(first_rows), batch_size)]  # fmt: skip
     row_image = [k for k, item in enumerate(it for it in items if it) for _ in item]
     hidden, positions, spans, lengths, geometries = [], [], [], [], []
     for batch in _item_batches(items, batch_size):
-        f = model.backbone.encode([r["image"] for r in batch], [r["instruction"] for r in batch])
+        f = model.backbone.encode([r.image for r in batch], [r.instruction for r in batch])
         for i in range(len(batch)):
             n = int(f.attention_mask[i].sum())
             if not f.attention_mask[i, :n].all():
@@ -146,7 +164,7 @@ def _encode_shard(
             spans.append((f.image_span[i].cpu(), f.text_span[i].cpu(), f.answer_index[i].cpu()))
             lengths.append(n)
         geometries += [dataclasses.asdict(g) for g in f.geometries]
-    masks = [np.asarray(r["mask"], np.uint8).reshape(-1) for r in rows]
+    masks = [np.asarray(r.mask, np.uint8).reshape(-1) for r in rows]
     tensors = {
         "hidden": torch.cat(hidden) if hidden else torch.zeros(0, 0),
         "position_ids": torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
@@ -160,7 +178,10 @@ def _encode_shard(
         "mask_offsets": torch.tensor(np.cumsum([0] + [m.size for m in masks])),
         "item_rows": torch.tensor(item_rows),
     }
-    meta = [{**{k: r[k] for k in META_FIELDS}, "geometry": g} for r, g in zip(rows, geometries, strict=True)]
+    meta = [
+        {**{k: getattr(r, k) for k in META_FIELDS}, "geometry": g}
+        for r, g in zip(rows, geometries, strict=True)
+    ]
     return {k: v.contiguous() for k, v in tensors.items()}, {"rows": json.dumps(meta)}
 
 
@@ -209,7 +230,7 @@ def build_cache(
             raise ValueError(
                 f"the backbone produced {found_dtype} features but the cache key says {key.dtype}"
             )
-        _atomic_write(path, lambda p, t=tensors, m=metadata: save_file(t, p, metadata=m))
+        atomic_write(path, lambda p, t=tensors, m=metadata: save_file(t, p, metadata=m))
         logger.info("cache %s: wrote shard %d / %d", out_dir, shard + 1, num_shards)
     if process_index == 0 and num_processes == 1:
         finalize_cache(out_dir)
@@ -264,37 +285,42 @@ class CachedDataset:
             self._open[shard] = (handle, meta, handle.get_tensor("item_rows"))
         return self._open[shard]
 
-    def rows(self, index: int, epoch: int = 0) -> list[Row]:
+    def rows(self, index: int, epoch: int = 0) -> list[CachedRow]:
         """Rows of item ``index``; ``epoch`` is ignored: a cache holds the draws of epoch 0."""
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for the {len(self)} items of {self.directory}")
         handle, meta, item_rows = self._shard(index // self.shard_size)
         local = index % self.shard_size
-        out = []
+        out: list[CachedRow] = []
         for r in range(int(item_rows[local]), int(item_rows[local + 1])):
             t0, t1 = (int(x) for x in handle.get_slice("token_offsets")[r : r + 2])
             m0, m1 = (int(x) for x in handle.get_slice("mask_offsets")[r : r + 2])
             geometry = ImageGeometry(**meta[r]["geometry"])
             image = int(handle.get_slice("row_image")[r : r + 1][0])
+            # clone(): a slice is a view into the whole shard's storage, which pickling (DataLoader workers
+            # hand rows to the main process) would copy in full for every row
             out.append(
-                {
-                    **{k: meta[r][k] for k in META_FIELDS if k in meta[r]},  # older caches lack held_out
-                    "image_id": (str(self.directory), index // self.shard_size, image),
-                    "hidden_states": handle.get_slice("hidden")[t0:t1],  # (L_i, d)
-                    "position_ids": handle.get_slice("position_ids")[t0:t1],  # (L_i,)
-                    "image_span": handle.get_slice("image_span")[r : r + 1][0],  # (2,)
-                    "text_span": handle.get_slice("text_span")[r : r + 1][0],  # (2,)
-                    "answer_index": handle.get_slice("answer_index")[r : r + 1][0],
-                    "sam_embedding": handle.get_slice("sam")[image : image + 1][0],  # (d_s, h, w)
-                    "geometry": geometry,
-                    "mask": handle.get_slice("masks")[m0:m1].numpy().reshape(geometry.height, geometry.width),
-                }
+                CachedRow(
+                    **{k: meta[r].get(k, False) for k in META_FIELDS},  # older caches lack held_out
+                    mask=handle.get_slice("masks")[m0:m1]
+                    .numpy()
+                    .reshape(geometry.height, geometry.width)
+                    .copy(),
+                    hidden_states=handle.get_slice("hidden")[t0:t1].clone(),  # (L_i, d)
+                    position_ids=handle.get_slice("position_ids")[t0:t1].clone(),  # (L_i,)
+                    image_span=handle.get_slice("image_span")[r : r + 1][0].clone(),  # (2,)
+                    text_span=handle.get_slice("text_span")[r : r + 1][0].clone(),  # (2,)
+                    answer_index=handle.get_slice("answer_index")[r : r + 1][0].clone(),
+                    sam_embedding=handle.get_slice("sam")[image : image + 1][0].clone(),  # (d_s, h, w)
+                    geometry=geometry,
+                    image_id=(str(self.directory), index // self.shard_size, image),
+                )
             )
         return out
 
 
 def _shared_prefix(
-    rows: list[Row],
+    rows: list[CachedRow],
     hidden: Tensor,  # (B, L, d)
     positions: Tensor,  # (B, L)
     attention_mask: Tensor,  # (B, L)
@@ -305,56 +331,42 @@ def _shared_prefix(
     Rows sharing the first P hidden states and positions give the head the same first P outputs, so it may run
     them once per image (``SegmentationHead``); exact equality makes that safe whatever encoded the cache.
     """
-    if any("image_id" not in r for r in rows):
+    if any(r.image_id is None for r in rows):
         return None, 0
     ids: dict[Any, int] = {}
-    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in rows])  # (B,)
+    image_index = torch.tensor([ids.setdefault(r.image_id, len(ids)) for r in rows])  # (B,)
     if len(ids) == len(rows):
         return image_index, 0
     lead = torch.tensor(first_of_each(image_index))[image_index]  # (B,) first row of each row's image
     same = (hidden == hidden[lead]).all(-1) & (positions == positions[lead])  # (B, L)
-    text_start = torch.stack([r["text_span"] for r in rows])[:, 0]
+    text_start = torch.stack([r.text_span for r in rows])[:, 0]
     return image_index, shared_prefix_length(same, attention_mask, text_start)
 
 
-def stack_cached(rows: list[Row]) -> LensInputs:
+def stack_cached(rows: list[CachedRow]) -> LensInputs:
     """Cached rows → a padded batch, exactly as the backbone would have produced it (right padding)."""
-    length = max(r["hidden_states"].shape[0] for r in rows)
-    d = rows[0]["hidden_states"].shape[1]
-    hidden = rows[0]["hidden_states"].new_zeros(len(rows), length, d)  # (B, L, d)
+    length = max(r.hidden_states.shape[0] for r in rows)
+    d = rows[0].hidden_states.shape[1]
+    hidden = rows[0].hidden_states.new_zeros(len(rows), length, d)  # (B, L, d)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
     positions = torch.zeros(len(rows), length, dtype=torch.long)  # (B, L)
     for i, r in enumerate(rows):
-        n = r["hidden_states"].shape[0]
-        hidden[i, :n], attention_mask[i, :n], positions[i, :n] = r["hidden_states"], True, r["position_ids"]
+        n = r.hidden_states.shape[0]
+        hidden[i, :n], attention_mask[i, :n], positions[i, :n] = r.hidden_states, True, r.position_ids
         positions[i, n:] = positions[i, n - 1] + 1 + torch.arange(length - n)  # pads continue the count
-    g = rows[0]["geometry"]
+    g = rows[0].geometry
     image_index, shared = _shared_prefix(rows, hidden, positions, attention_mask)
     features = BackboneFeatures(
         hidden_states=hidden,
         attention_mask=attention_mask,
         position_ids=positions,
-        image_span=torch.stack([r["image_span"] for r in rows]),
-        text_span=torch.stack([r["text_span"] for r in rows]),
-        answer_index=torch.stack([r["answer_index"] for r in rows]),
+        image_span=torch.stack([r.image_span for r in rows]),
+        text_span=torch.stack([r.text_span for r in rows]),
+        answer_index=torch.stack([r.answer_index for r in rows]),
         grid_size=(g.grid_h, g.grid_w),
-        geometries=[r["geometry"] for r in rows],
+        geometries=[r.geometry for r in rows],
         image_index=image_index,
         shared_length=shared,
     )
-    sam = torch.stack([r["sam_embedding"] for r in rows])  # (B, d_s, h, w)
-    return LensInputs(features, sam, [torch.from_numpy(np.asarray(r["mask"], np.uint8)) for r in rows])
-
-
-def lens_inputs(model: LensModel, rows: list[Row]) -> LensInputs:
-    """The model's inputs for a list of rows: from the cache when the rows carry features, else computed.
-
-    SAM embeddings are cast to the mask decoder's dtype (DeepSpeed bf16 casts the modules, not the inputs).
-    """
-    if "hidden_states" in rows[0]:
-        inputs = stack_cached(rows)
-    else:
-        images, texts = [r["image"] for r in rows], [r["instruction"] for r in rows]
-        inputs = model.prepare(images, texts, [r["mask"] for r in rows])
-    inputs.sam_embeddings = inputs.sam_embeddings.to(next(model.bridge.sam.mask_decoder.parameters()).dtype)
-    return inputs
+    sam = torch.stack([r.sam_embedding for r in rows])  # (B, d_s, h, w)
+    return LensInputs(features, sam, [torch.from_numpy(np.asarray(r.mask, np.uint8)) for r in rows])

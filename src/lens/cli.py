@@ -94,39 +94,32 @@ def predict(
     _run(job)
 
 
-def _config(path: Path):
+def _config(path: Path, overrides: list[str] | None = None):
     from lens.config import LensConfig
 
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    return LensConfig.from_yaml(path)
+    return LensConfig.from_yaml(path).override(overrides or [])
+
+
+SET_HELP = "override a config value, e.g. --set train.max_steps=4000 (YAML value; repeatable)"
 
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="LensConfig YAML (see configs/)")],
+    config: Annotated[Path, typer.Argument(help="LensConfig YAML (see configs/): the whole recipe")],
     output_dir: Annotated[Path, typer.Option(help="checkpoints, logs, final model/")] = Path("runs/lens"),
     resume: Annotated[bool, typer.Option(help="continue from output_dir's latest checkpoint")] = False,
     cache_root: Annotated[Path | None, typer.Option(help="read features from `lens cache` output")] = None,
-    save_every: int = 500,
-    eval_every: int = 500,
-    eval_limit: Annotated[int | None, typer.Option(help="validation items per evaluation")] = 200,
-    lr_schedule: Annotated[str, typer.Option(help="linear | cosine decay after warm-up")] = "linear",
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     stop_at_step: Annotated[int | None, typer.Option(help="end this run early; --resume continues")] = None,
 ) -> None:
     """Train the LENS head (Accelerate: run under `accelerate launch` for several GPUs / nodes)."""
 
     def job() -> None:
-        from lens.training import LoopOptions, train
+        from lens.training import train
 
-        options = LoopOptions(
-            save_every=save_every,
-            eval_every=eval_every,
-            eval_limit=eval_limit,
-            lr_schedule=lr_schedule,
-            stop_at_step=stop_at_step,
-        )
-        train(_config(config), output_dir, resume, cache_root=cache_root, options=options)
+        train(_config(config, set_), output_dir, resume, cache_root=cache_root, stop_at_step=stop_at_step)
 
     _run(job)
 

@@ -18,6 +18,8 @@ from lens.validation import check_field, field_hints
 
 T = TypeVar("T")
 
+LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
+
 
 @dataclass
 class BackboneConfig:
@@ -83,6 +85,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     max_steps: int = 5000
+    lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
     batch_size: int = 2
     grad_accum_steps: int = 10
     max_grad_norm: float = 1.0
@@ -91,14 +94,37 @@ class TrainConfig:
     # start the trainable weights from this LENS checkpoint (directory or lens: asset), with a fresh optimizer
     # and schedule: a warm restart or a fine-tune; None: initialise them as the builders do
     init_from: str | None = None
+    # the loop's cadence: these change no trained weight, but belong to the recipe a run is repeated with
+    save_every: int = 500  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2  # older ones are deleted
+    eval_every: int = 500  # optimizer steps between validations (and at the last step); 0: last step only
+    eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
+    eval_batch_size: int = 8
+    log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
+
+    def __post_init__(self) -> None:
+        # checked before any step runs, so a typo never costs a run (or a ZeroDivisionError at step 1)
+        for name, low in (("save_every", 1), ("eval_every", 0), ("log_every", 1), ("keep_checkpoints", 1),
+                          ("eval_batch_size", 1), ("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1),
+                          ("warmup_steps", 0)):  # fmt: skip
+            if getattr(self, name) < low:
+                raise ValueError(f"train.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(
+                f"train.eval_limit must be >= 1 or null (the whole split), got {self.eval_limit}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
 
 
 @dataclass
 class DataConfig:
     """Where training / evaluation data live. Unset roots are skipped and the mixture renormalised."""
 
-    synthetic_seed: int | None = None  # train and evaluate on the project's synthetic world instead
-    synthetic_eval_scenes: int | None = 100  # scenes of a synthetic val / test split scored (None: all)
+    # plug-in datasets (lens.data.registry) by name -> their options, e.g. {"synthetic": {"seed": 0}}
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason_seg_root: str | None = None  # contains train/ val/ test/ of ReasonSeg
     refer_root: str | None = None  # contains refcoco/ refcoco+/ refcocog/ refclef/ (REFER layout)
     coco_image_root: str | None = None  # COCO train2014 images for the refcoco family
@@ -128,10 +154,33 @@ class LensConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LensConfig:
-        return _from_dict(cls, data, "config")
+        return _from_dict(cls, _migrate(data), "config")
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def override(self, assignments: list[str]) -> LensConfig:
+        """A copy with ``section.key=value`` assignments applied (values parsed as YAML): the CLI's ``--set``."""
+        data = self.to_dict()
+        for assignment in assignments:
+            dotted, sep, text = assignment.partition("=")
+            *path, last = dotted.strip().split(".")
+            if not sep or not path:
+                raise ValueError(f"--set expects section.key=value, got {assignment!r}")
+            node = data
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set {assignment!r}: {part!r} is a value, not a section")
+            value = yaml.safe_load(text)  # an unknown key is named by from_dict
+            if (
+                isinstance(node.get(last), float)
+                and isinstance(value, str | int)
+                and not isinstance(value, bool)
+            ):
+                value = _as_float(value, assignment)  # YAML 1.1 reads "1e-3" as a string
+            node[last] = value
+        return LensConfig.from_dict(data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LensConfig:
@@ -147,6 +196,29 @@ class LensConfig:
             return cls.from_dict(data)
         except InvalidConfig as err:
             raise InvalidConfig(f"{path}: {err}") from None
+
+
+def _as_float(value: str | int, assignment: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--set {assignment!r}: expected a number") from None
+
+
+# Keys of configs saved before plug-in datasets had their own section: old key -> key in data.datasets.synthetic
+_LEGACY_DATA_KEYS = {"synthetic_seed": "seed", "synthetic_eval_scenes": "eval_scenes"}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Read configs (and shipped checkpoints) written with ``data.synthetic_seed`` / ``synthetic_eval_scenes``."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not set(_LEGACY_DATA_KEYS) & set(section):
+        return data
+    section = dict(section)
+    legacy = {new: section.pop(old) for old, new in _LEGACY_DATA_KEYS.items() if old in section}
+    if legacy.get("seed") is not None:  # a null seed meant "not the synthetic world"
+        section["datasets"] = {"synthetic": legacy, **section.get("datasets", {})}
+    return {**data, "data": section}
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:

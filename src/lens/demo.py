@@ -60,7 +60,7 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {checkpoint}"):
         model = load_lens(checkpoint, device).eval()
-    world = SyntheticWorld(seed=model.config.data.synthetic_seed or 0)
+    world = SyntheticWorld(seed=model.config.data.datasets.get("synthetic", {}).get("seed", 0))
 
     accumulators = defaultdict(IoUAccumulator)
     figures = []

@@ -2,7 +2,7 @@
 
 Per query the mask logits are binarised (> ``decoder.mask_threshold``, 0) at the original image size and scored
 with ``lens.metrics`` (LISA's I / U); gIoU / cIoU are computed per split and per subset (ReasonSeg's short /
-long queries, the synthetic world's query kinds). Results are written as
+long queries, each dataset's query kinds). Results are written as
 
 * ``per_sample.jsonl``: one record per query (I, U, IoU, query, ...), for inspection and for resuming;
 * ``results.json`` and ``results.md``: every split, plus the paper's Table 2 (ReasonSeg) and Table 3
@@ -19,8 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +29,15 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from lens.cache import CachedDataset, CacheKey, lens_inputs
+from lens.batches import lens_inputs
+from lens.cache import CachedDataset, CacheKey
 from lens.config import LensConfig
-from lens.data.loader import SYNTHETIC, ItemSource, Row, build_eval_dataset
-from lens.data.synthetic import SyntheticWorld
+from lens.data.loader import ItemSource, Row, build_eval_dataset
+from lens.data.registry import configured_datasets, get_dataset, registered_names
+from lens.io import atomic_write_text
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
-from lens.reporting import REASON_SEG, REFER_TABLE, markdown, summarize, table2, table3
+from lens.reporting import markdown, summarize, table2, table3
 from lens.weights import build_lens, build_lens_for_cache, checkpoint_config, load_lens_weights
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ PARTS_DIR = "parts"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PREDICTIONS_DIR = "predictions"
-REASON_SEG_SPLITS = ("val", "test")
-SYNTHETIC_SPLITS = ("val", "test")
 
 
 @dataclass
@@ -74,41 +72,34 @@ class _SingleProcess:
         return contextlib.nullcontext()
 
 
-PAPER_SPLITS: tuple[tuple[str, str], ...] = (
-    *((SYNTHETIC, s) for s in SYNTHETIC_SPLITS),
-    *((REASON_SEG, s) for s in REASON_SEG_SPLITS),
-    *((d, s) for d, splits in REFER_TABLE for s in splits),
-)
-
-
-def _available(config: LensConfig, dataset: str, split: str, cache_root: str | Path | None, world) -> bool:
-    if cache_root is not None:
-        return Path(cache_root, dataset, split).is_dir()
-    data = config.data
-    if dataset == SYNTHETIC:
-        return data.synthetic_seed is not None or world is not None
-    if dataset == REASON_SEG:
-        return bool(data.reason_seg_root)
-    return bool(data.refer_root and data.coco_image_root) and Path(data.refer_root or "", dataset).is_dir()
+def default_splits(config: LensConfig, cache_root: str | Path | None = None) -> list[tuple[str, str]]:
+    """(dataset, split) pairs scored when none is named: the default evaluation splits (``DatasetSpec.eval_splits``,
+    the paper's tables) of every configured dataset, or of every dataset cached under ``cache_root``."""
+    if cache_root is None:
+        return [(s.name, split) for s in configured_datasets(config.data) for split in s.eval_splits]
+    cached = (
+        sorted(d.name for d in Path(cache_root).iterdir() if d.is_dir()) if Path(cache_root).is_dir() else []
+    )
+    specs = [get_dataset(name) for name in cached if name in registered_names()]
+    return [
+        (s.name, split) for s in specs for split in s.eval_splits if Path(cache_root, s.name, split).is_dir()
+    ]
 
 
 def eval_splits(
-    config: LensConfig,
-    names: Sequence[str] | None = None,
-    cache_root: str | Path | None = None,
-    world: SyntheticWorld | None = None,
+    config: LensConfig, names: Sequence[str] | None = None, cache_root: str | Path | None = None
 ) -> list[EvalSplit]:
     """Evaluation splits by label ("reason_seg/val", "refcoco/testA", ...), read raw or from ``cache_root``.
 
-    ``names=None`` takes every split of the paper's tables that is available: configured in ``config.data``,
-    or cached under ``cache_root/{dataset}/{split}`` (built with ``train=False``, the reference prompts).
+    ``names=None`` takes ``default_splits``: configured in ``config.data``, or cached under
+    ``cache_root/{dataset}/{split}`` (built with ``train=False``, the reference prompts).
     """
     if names is None:
-        pairs = [(d, s) for d, s in PAPER_SPLITS if _available(config, d, s, cache_root, world)]
+        pairs = default_splits(config, cache_root)
     else:
         pairs = [(name.split("/", 1)[0], name.split("/", 1)[-1]) for name in names]
     if cache_root is None:
-        return [EvalSplit(d, s, build_eval_dataset(config.data, d, s, world)) for d, s in pairs]
+        return [EvalSplit(d, s, build_eval_dataset(config.data, d, s)) for d, s in pairs]
     return [
         EvalSplit(
             d, s, CachedDataset(Path(cache_root, d, s), CacheKey.from_config(config, d, s, train=False))
@@ -142,7 +133,7 @@ def evaluate_checkpoint(
     chosen = eval_splits(dataclasses.replace(model_config, data=config.data), splits, cache_root)
     if not chosen:
         raise ValueError(
-            "nothing to evaluate: configure ReasonSeg / REFER roots, synthetic_seed, or a cache_root"
+            "nothing to evaluate: configure ReasonSeg / REFER roots, data.datasets, or a cache_root"
         )
     return evaluate(model, chosen, output_dir, batch_size, accelerator, limit, save_predictions)
 
@@ -185,15 +176,15 @@ def _score(
     scored = []
     for row, logits in zip(rows, out.mask_logits, strict=True):
         pred = (logits.float() > model.config.decoder.mask_threshold).cpu().numpy()  # (H, W) bool
-        intersection, union = intersection_union(pred, np.asarray(row["mask"]))
-        item = f"{split.label}/{row['index']}"
+        intersection, union = intersection_union(pred, np.asarray(row.mask))
+        item = f"{split.label}/{row.index}"
         record = {
-            "key": f"{item}/{row['part']}",
+            "key": f"{item}/{row.part}",
             "item": item,
             "dataset": split.dataset,
             "split": split.split,
-            **{k: row[k] for k in ("index", "part", "name", "query", "is_sentence", "kind")},
-            "held_out": bool(row.get("held_out", False)),
+            **{k: getattr(row, k) for k in ("index", "part", "name", "query", "is_sentence", "kind")},
+            "held_out": bool(row.held_out),
             "intersection": intersection,
             "union": union,
             "iou": query_iou(intersection, union),
@@ -259,22 +250,15 @@ def evaluate(
     return json.loads((output_dir / RESULTS_JSON).read_text())
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_results(output_dir: Path, splits: Sequence[EvalSplit], limit: int | None, method: str) -> None:
     records = read_records(output_dir)
     ordered = sorted(records.values(), key=lambda r: (r["dataset"], r["split"], r["index"], r["part"]))
-    _atomic_text(output_dir / PER_SAMPLE_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
+    atomic_write_text(output_dir / PER_SAMPLE_NAME, "".join(json.dumps(r) + "\n" for r in ordered))
     for part in (output_dir / PARTS_DIR).glob("*.jsonl"):  # merged: the parts are no longer needed
         part.unlink()
     wanted = {s.label: len(s.data) if limit is None else min(limit, len(s.data)) for s in splits}
     chosen = [r for r in ordered if r["index"] < wanted.get(f"{r['dataset']}/{r['split']}", 0)]
     summary = summarize(chosen)
     results = {"splits": summary, "table2": table2(summary), "table3": table3(summary)}
-    _atomic_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
-    _atomic_text(output_dir / RESULTS_MD, markdown(results, method))
+    atomic_write_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
+    atomic_write_text(output_dir / RESULTS_MD, markdown(results, method))

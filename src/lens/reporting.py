@@ -14,7 +14,7 @@ REFER_TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (  # the columns of the p
     ("refcocog", ("val", "test")),
 )
 OVERALL, SHORT, LONG = "overall", "short", "long"
-HELD_OUT = "held_out"  # synthetic queries whose target pair was held out of training
+HELD_OUT = "held_out"  # queries whose target is of a kind held out of training (Sample.held_out)
 PERCENT = 100.0  # tables show percentages, JSON keeps fractions
 
 
@@ -28,7 +28,7 @@ def _metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | int]]]:
     """gIoU / cIoU / count per split label and subset: overall, short / long queries, per query kind, and
-    the synthetic world's held-out colour x shape targets (``held_out``)."""
+    targets of a kind held out of training (``held_out``, e.g. the synthetic world's colour x shape pairs)."""
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         subsets = groups.setdefault(f"{r['dataset']}/{r['split']}", {})

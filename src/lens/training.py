@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lens.assets import resolve_model_id
+from lens.batches import lens_inputs
 from lens.cache import (
     MANIFEST_NAME,
     CachedDataset,
     CacheKey,
     build_cache,
     finalize_cache,
-    lens_inputs,
 )
 from lens.checkpoints import (
     STEP_NAME,
@@ -42,9 +42,8 @@ from lens.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from lens.config import LensConfig
+from lens.config import LensConfig, TrainConfig
 from lens.data.loader import (
-    SYNTHETIC,
     ItemSource,
     MixtureBatchSampler,
     MixtureDataset,
@@ -55,9 +54,9 @@ from lens.data.loader import (
     train_ratios,
 )
 from lens.data.mixing import MixtureSampler
+from lens.data.registry import REASON_SEG, get_dataset
 from lens.evaluation import EvalSplit, evaluate
 from lens.model import LensModel
-from lens.reporting import REASON_SEG
 from lens.weights import build_lens, build_lens_for_cache, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
@@ -66,36 +65,6 @@ FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
-LR_SCHEDULES = ("linear", "cosine")  # transformers.get_scheduler names we document and test
-VAL_DATASETS = (SYNTHETIC, REASON_SEG)  # validated on, in this order of preference (LISA: ReasonSeg val)
-
-
-@dataclass
-class LoopOptions:
-    """Loop settings that ``TrainConfig`` does not hold (yet)."""
-
-    save_every: int = 500  # optimizer steps between checkpoints
-    eval_every: int = 500  # optimizer steps between validations (and at the last step); 0: last step only
-    log_every: int = 10  # optimizer steps between tracker (TensorBoard) logs; train_log.jsonl has every step
-    keep_checkpoints: int = 2  # older ones are deleted
-    eval_limit: int | None = 200  # validation items per evaluation (None: the whole split)
-    eval_batch_size: int = 8
-    lr_schedule: str = "linear"  # decay after warm-up: "linear" (LISA's WarmupDecayLR) or "cosine"
-    stop_at_step: int | None = None  # end this run early (e.g. a time-limited job); resume continues
-
-    def __post_init__(self) -> None:
-        # checked before any step runs, so a typo never costs a run (or a ZeroDivisionError at step 1)
-        for name, low in (("save_every", 1), ("eval_every", 0), ("log_every", 1), ("keep_checkpoints", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ValueError(f"eval_limit must be >= 1 or None (the whole split), got {self.eval_limit}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
-            )
-        if self.stop_at_step is not None and self.stop_at_step < 1:
-            raise ValueError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 
 
 @dataclass
@@ -106,13 +75,15 @@ class TrainData:
 
 
 def val_dataset_name(config: LensConfig, cache_root: str | Path | None = None) -> str | None:
-    """The dataset validated on during training: the synthetic world, else ReasonSeg (as LISA), if available."""
+    """The dataset validated on during training: the first plug-in of ``data.datasets`` that has evaluation
+    splits, else ReasonSeg (as LISA), if configured (or cached under ``cache_root``)."""
     data = config.data
-    for name in VAL_DATASETS:
+    candidates = [n for n in data.datasets if get_dataset(n).eval_reader is not None] + [REASON_SEG]
+    for name in candidates:
         if cache_root is not None:
             found = (Path(cache_root) / name / data.val_split / MANIFEST_NAME).is_file()
         else:
-            found = data.synthetic_seed is not None if name == SYNTHETIC else bool(data.reason_seg_root)
+            found = get_dataset(name).configured(data)
         if found:
             return name
     return None
@@ -132,7 +103,7 @@ def build_train_data(config: LensConfig, cache_root: str | Path | None = None) -
         if not names:
             raise FileNotFoundError(f"no training caches under {root} (expected {root}/<dataset>/train/)")
         train = {n: CachedDataset(root / n / "train", key(config, n, "train", True, seed)) for n in names}
-        ratios = {SYNTHETIC: 1.0} if SYNTHETIC in names else train_ratios(data)
+        ratios = train_ratios(data)
         val = (
             None
             if val_name is None
@@ -178,24 +149,26 @@ def cache_datasets(
     return out
 
 
-def _validate(
-    model: LensModel,
-    split: EvalSplit,
-    output_dir: Path,
-    step: int,
-    options: LoopOptions,
-    accelerator: Accelerator,
-) -> dict[str, float]:
-    """gIoU / cIoU on the first ``eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
-    out_dir = output_dir / "val" / STEP_NAME.format(step)
-    results = evaluate(model, [split], out_dir, options.eval_batch_size, accelerator, options.eval_limit)
-    overall = results["splits"][split.label]["overall"]
-    return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
+@dataclass
+class _Run:
+    """What one training run holds between its steps."""
 
+    config: LensConfig
+    output_dir: Path
+    accelerator: Accelerator
+    model: Any  # LensModel, wrapped by Accelerate (DDP / DeepSpeed) for forward and backward
+    unwrapped: LensModel
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: DataLoader
+    batches: MixtureBatchSampler
+    progress: TrainProgress
+    val: EvalSplit | None
 
-def _write_log(path: Path, records: list[dict[str, Any]], mode: str = "a") -> None:
-    with path.open(mode) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / LOG_NAME
 
 
 def train(
@@ -206,45 +179,69 @@ def train(
     model: LensModel | None = None,
     data: TrainData | None = None,
     cache_root: str | Path | None = None,
-    options: LoopOptions | None = None,
+    stop_at_step: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train LENS as ``config`` says; returns this run's log records (also in ``train_log.jsonl``).
+
+    The paper's §3.4: the trainable parts (head, descriptor, SAM's mask decoder) learn end to end from
+    L = λ_dice·Dice + λ_bce·BCE + L_attn while the MLLM stays frozen. Steps: build, resume, loop (with
+    validation and checkpoints), save.
 
     Arguments:
         resume: continue from ``output_dir``'s latest checkpoint (refused without it when one exists).
         model: a ready model (tests, custom backbones); default ``build_lens`` / ``build_lens_for_cache``.
         data: ready datasets; default ``build_train_data(config, cache_root)``.
         cache_root: read features from ``lens cache`` output instead of running the MLLM.
+        stop_at_step: end this run early (e.g. a time-limited job); ``resume`` continues it.
     """
-    options, tc, output_dir = options or LoopOptions(), config.train, Path(output_dir)
-    accelerator = Accelerator(
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
+    output_dir = Path(output_dir)
+    start = latest_checkpoint(output_dir)
+    if start is not None and not resume:
+        raise FileExistsError(f"{output_dir} already has checkpoints: resume, or train into a new folder")
+    run = _build(config, output_dir, model, data, cache_root, warm_start=start is None)
+    _resume(run, start)
+    records = _loop(run, min(config.train.max_steps, stop_at_step or config.train.max_steps))
+    _save_final(run)
+    return records
+
+
+def _accelerator(tc: TrainConfig, output_dir: Path) -> Accelerator:
+    return Accelerator(
         mixed_precision=tc.mixed_precision if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=tc.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         log_with="tensorboard" if is_tensorboard_available() else None,
         project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / TENSORBOARD)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # frozen parts get no gradient hooks; their buffers are fixed by the config, so never re-broadcast
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
     )
-    start = latest_checkpoint(output_dir)
-    if start is not None and not resume:
-        raise FileExistsError(f"{output_dir} already has checkpoints: resume, or train into a new folder")
+
+
+def _build(
+    config: LensConfig,
+    output_dir: Path,
+    model: LensModel | None,
+    data: TrainData | None,
+    cache_root: str | Path | None,
+    warm_start: bool,
+) -> _Run:
+    """Model, data, optimizer (AdamW over the trainable parameters only), schedule and loader."""
+    tc = config.train
+    accelerator = _accelerator(tc, output_dir)
     set_seed(tc.seed)
     if model is None:
         model = (build_lens_for_cache if cache_root else build_lens)(config, accelerator.device)
-    if tc.init_from is not None and start is None:  # a resumed run's checkpoint holds newer weights
+    if tc.init_from is not None and warm_start:  # a resumed run's checkpoint holds newer weights
         load_lens_weights(model, resolve_model_id(tc.init_from))
         logger.info("trainable weights start from %s", tc.init_from)
     data = data or build_train_data(config, cache_root)
     params = [p for p in model.parameters() if p.requires_grad]
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    logger.info(
-        "trainable parameters: %d (%d frozen tensors left out)", sum(p.numel() for p in params), len(frozen)
-    )
-    # DDP never broadcasts or reduces the frozen MLLM / SAM encoder, nor buffers (all fixed by the config)
-    model._ddp_params_and_buffers_to_ignore = frozen + [n for n, _ in model.named_buffers()]
-
+    frozen = sum(1 for p in model.parameters() if not p.requires_grad)
+    logger.info("trainable parameters: %d (%d frozen tensors)", sum(p.numel() for p in params), frozen)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = get_scheduler(options.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
+    scheduler = get_scheduler(tc.lr_schedule, optimizer, tc.warmup_steps, tc.max_steps)
     batches = MixtureBatchSampler(
         MixtureSampler(data.train, data.ratios, seed=tc.seed),
         tc.batch_size,
@@ -261,47 +258,55 @@ def train(
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_clipping=tc.max_grad_norm)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainProgress(batches)
     accelerator.register_for_checkpointing(progress)
     accelerator.register_save_state_pre_hook(keep_trainable)
-    unwrapped: LensModel = accelerator.unwrap_model(model)
+    unwrapped: LensModel = accelerator.unwrap_model(wrapped)
+    return _Run(
+        config, output_dir, accelerator, wrapped, unwrapped, params, optimizer, scheduler, loader, batches,
+        progress, data.val,
+    )  # fmt: skip
 
-    log_path = output_dir / LOG_NAME
+
+def _resume(run: _Run, start: Path | None) -> None:
+    """Restore the latest checkpoint (weights, optimizer, schedule, RNG, sampler) and cut the log to it."""
     if start is not None:
-        load_checkpoint(accelerator, unwrapped, start)
-        logger.info("resumed from %s at step %d", start, progress.step)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        kept = (
-            list(map(json.loads, log_path.read_text().splitlines())) if start and log_path.is_file() else []
-        )
-        _write_log(log_path, [r for r in kept if r["step"] <= progress.step], mode="w")
-    accelerator.init_trackers("lens")
+        load_checkpoint(run.accelerator, run.unwrapped, start)
+        logger.info("resumed from %s at step %d", start, run.progress.step)
+    if run.accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        path = run.log_path
+        kept = list(map(json.loads, path.read_text().splitlines())) if start and path.is_file() else []
+        _write_log(path, [r for r in kept if r["step"] <= run.progress.step], mode="w")
+    run.accelerator.init_trackers("lens")
 
-    stop = min(tc.max_steps, options.stop_at_step or tc.max_steps)
+
+def _loop(run: _Run, stop: int) -> list[dict[str, Any]]:
+    """Optimizer steps until ``stop``: forward, L, backward, clip, step; log, validate and checkpoint."""
+    tc, accelerator, progress = run.config.train, run.accelerator, run.progress
     records: list[dict[str, Any]] = []
     sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
     micro = 0
     bar = tqdm(
         total=tc.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
     )
-    model.train()
+    run.model.train()
     last_rows: list[Row] = []
-    for rows in loader if progress.step < stop else []:
-        batches.mark_consumed()
-        with accelerator.accumulate(model):
+    for rows in run.loader if progress.step < stop else []:
+        run.batches.mark_consumed()
+        with accelerator.accumulate(run.model):
             # An item may hold no query (an image without a usable class): rerun the previous rows with zero
             # weight, so every process still takes part in the gradient all-reduce.
             weight, last_rows = (1.0, rows) if rows else (0.0, last_rows)
             if not last_rows:
                 raise ValueError("the first training batch holds no query")
-            out = model(lens_inputs(unwrapped, last_rows))
+            out = run.model(lens_inputs(run.unwrapped, last_rows))
             accelerator.backward(out.loss * weight)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+                accelerator.clip_grad_norm_(run.params, tc.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
         if rows:
             sums += torch.tensor(
                 [out.loss.item(), *(out.losses[n].item() for n in LOSS_NAMES[1:])], dtype=torch.float64
@@ -309,30 +314,54 @@ def train(
             micro += 1
         if not accelerator.sync_gradients:
             continue
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
         progress.step += 1
         means = accelerator.reduce((sums / max(micro, 1)).to(accelerator.device), "mean").tolist()
         record = {"step": progress.step, **dict(zip(LOSS_NAMES, means, strict=True)), "lr": lr}
         sums.zero_()
         micro = 0
-        if data.val is not None and (
-            progress.step == tc.max_steps or (options.eval_every and progress.step % options.eval_every == 0)
+        if run.val is not None and (
+            progress.step == tc.max_steps or (tc.eval_every and progress.step % tc.eval_every == 0)
         ):
-            record.update(_validate(unwrapped, data.val, output_dir, progress.step, options, accelerator))
+            record.update(_validate(run.unwrapped, run.val, run.output_dir, progress.step, tc, accelerator))
         records.append(record)
         if accelerator.is_main_process:
-            _write_log(log_path, [record])
-        if progress.step % options.log_every == 0 or "val_giou" in record:
+            _write_log(run.log_path, [record])
+        if progress.step % tc.log_every == 0 or "val_giou" in record:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=progress.step)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if progress.step % options.save_every == 0 or progress.step == stop:
-            save_checkpoint(accelerator, unwrapped, progress.step, output_dir, options.keep_checkpoints)
+        if progress.step % tc.save_every == 0 or progress.step == stop:
+            save_checkpoint(accelerator, run.unwrapped, progress.step, run.output_dir, tc.keep_checkpoints)
         if progress.step >= stop:
             break
     bar.close()
-    if progress.step >= tc.max_steps and accelerator.is_main_process:
-        save_lens_weights(unwrapped, output_dir / FINAL)
-    accelerator.end_training()
     return records
+
+
+def _validate(
+    model: LensModel,
+    split: EvalSplit,
+    output_dir: Path,
+    step: int,
+    tc: TrainConfig,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """gIoU / cIoU on the first ``train.eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
+    out_dir = output_dir / "val" / STEP_NAME.format(step)
+    results = evaluate(model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit)
+    overall = results["splits"][split.label]["overall"]
+    return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
+
+
+def _save_final(run: _Run) -> None:
+    """Once the last step is done: the loadable checkpoint ``output_dir/model`` (``lens.weights.load_lens``)."""
+    if run.progress.step >= run.config.train.max_steps and run.accelerator.is_main_process:
+        save_lens_weights(run.unwrapped, run.output_dir / FINAL)
+    run.accelerator.end_training()
+
+
+def _write_log(path: Path, records: list[dict[str, Any]], mode: str = "a") -> None:
+    with path.open(mode) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load
 from lens.config import BackboneConfig, LensConfig
 from lens.decoder import SamBridge, load_sam
 from lens.errors import InvalidCheckpoint
+from lens.io import atomic_write
 from lens.model import LensModel
 
 logger = logging.getLogger(__name__)
@@ -64,14 +63,7 @@ def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     for name, write in ((WEIGHTS_NAME, lambda p: save_file(state, p)), (CONFIG_NAME, model.config.to_yaml)):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(directory / name, write)
     return directory
 
 

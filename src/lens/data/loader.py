@@ -3,7 +3,7 @@
 Every data source is viewed as a sequence of *items*; an item is one image with one or more queries about it
 (a semantic-segmentation image gives up to ``num_classes_per_sample`` class phrases, a synthetic scene up to as
 many of its queries, a ReasonSeg / REFER sample exactly one). ``QueryDataset.rows(index, epoch)`` turns an item
-into *rows*, plain dicts that the model (``LensModel.prepare``), the feature cache and the evaluation consume.
+into *rows* (``ImageRow``) that the model (``LensModel.prepare``), the feature cache and the evaluation consume.
 
 Training draws come from ``MixtureSampler``: a draw is ``DrawKey(name, index, epoch)`` and everything random
 about it (which classes, which sentence, which question template) is a pure function of the seed and the key,
@@ -16,7 +16,7 @@ import logging
 import random
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -25,29 +25,34 @@ from torch.utils.data import Dataset
 
 from lens.config import DataConfig
 from lens.data.mixing import MixtureSampler
-from lens.data.reason_seg import ReasonSegDataset
-from lens.data.refer import ReferDataset
-from lens.data.semantic import (
-    ADE20KReader,
-    CocoStuffReader,
-    MapillaryReader,
-    PacoLvisReader,
-    PascalPartReader,
-    SemanticReader,
-)
-from lens.data.synthetic import SegQuery, SyntheticWorld
+from lens.data.registry import configured_datasets, get_dataset
 from lens.data.templates import format_question
 from lens.data.types import Sample
 
 logger = logging.getLogger(__name__)
 
-# image (PIL), instruction, mask (H, W) uint8, query, name, source, is_sentence, kind, held_out, index, part
-Row = dict[str, Any]
-SYNTHETIC = "synthetic"
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
-TRAIN_SPLIT = "train"
-SEMANTIC_TRAIN_SPLIT = "training"  # ADE20K / Mapillary folder name of the training split
-ADE20K_CLASS_FILES = ("objectInfo150.txt", "ade20k_classes.json")  # the dataset's own, or LISA's
+
+@dataclass
+class Row:
+    """One query about one image, as training, the cache and evaluation see it (without the image itself)."""
+
+    instruction: str  # the full prompt: the query in a question template
+    mask: np.ndarray  # (H, W) uint8: 1 target, 0 background, IGNORE_INDEX ignored
+    query: str
+    name: str
+    source: str
+    is_sentence: bool
+    kind: str
+    held_out: bool
+    index: int  # the item of its dataset
+    part: int  # which of the item's queries
+
+
+@dataclass
+class ImageRow(Row):
+    """A row read from a dataset: the model runs the MLLM and SAM's encoder on ``image``."""
+
+    image: Image.Image
 
 
 class DrawKey(NamedTuple):
@@ -64,47 +69,7 @@ class ItemSource(Protocol):
     def rows(self, index: int, epoch: int = 0) -> list[Row]: ...
 
 
-class SyntheticScenes(Sequence[list[SegQuery]]):
-    """Training view of a synthetic split: item i is scene i, with up to ``queries_per_scene`` of its queries
-    drawn afresh each epoch from (seed, epoch, i)."""
-
-    def __init__(
-        self, world: SyntheticWorld, split: str = TRAIN_SPLIT, queries_per_scene: int = 3, seed: int = 0
-    ):
-        self.scenes, self.queries_per_scene, self.seed = world.split(split), queries_per_scene, seed
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int) -> list[SegQuery]:  # type: ignore[override]  # no slices
-        return self.sample(index, 0)
-
-    def sample(self, index: int, epoch: int = 0) -> list[SegQuery]:
-        queries = self.scenes[index].segmentation_queries()
-        if len(queries) > self.queries_per_scene:
-            rng = np.random.default_rng((self.seed, epoch, index))
-            queries = [queries[i] for i in rng.choice(len(queries), self.queries_per_scene, replace=False)]
-        return queries
-
-
-class SyntheticQueries(Sequence[SegQuery]):
-    """Evaluation view of a synthetic split: every query of its first ``num_scenes`` scenes, one per item."""
-
-    def __init__(self, world: SyntheticWorld, split: str, num_scenes: int | None = None):
-        self.scenes = world.split(split)
-        self.held_out_pairs = world.held_out_pairs  # rows flag targets of these pairs (see QueryDataset.rows)
-        n = len(self.scenes) if num_scenes is None else min(num_scenes, len(self.scenes))
-        self._items = [(s, k) for s in range(n) for k in range(len(self.scenes[s].segmentation_queries()))]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> SegQuery:  # type: ignore[override]  # no slices
-        scene, k = self._items[index]
-        return self.scenes[scene].segmentation_queries()[k]
-
-
-def _draw(reader: Any, index: int, epoch: int) -> list[Sample | SegQuery]:
+def _draw(reader: Any, index: int, epoch: int) -> list[Sample]:
     """Item ``index`` of any reader for pass ``epoch``, as a list."""
     if hasattr(reader, "sample"):  # semantic readers, synthetic scenes: pure in (index, epoch)
         drawn = reader.sample(index, epoch)
@@ -131,31 +96,27 @@ class QueryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> list[Row]:
+    def __getitem__(self, index: int) -> list[ImageRow]:
         return self.rows(index)
 
-    def rows(self, index: int, epoch: int = 0) -> list[Row]:
-        held_out = getattr(self.reader, "held_out_pairs", frozenset())
-        out = []
-        for part, drawn in enumerate(_draw(self.reader, index, epoch)):
-            sample, kind = (drawn.sample, drawn.kind) if isinstance(drawn, SegQuery) else (drawn, "")
-            target = drawn.target if isinstance(drawn, SegQuery) else None
+    def rows(self, index: int, epoch: int = 0) -> list[ImageRow]:
+        out: list[ImageRow] = []
+        for part, sample in enumerate(_draw(self.reader, index, epoch)):
             rng = random.Random(draw_seed(self.seed, epoch, self.name, index, part)) if self.train else None
             out.append(
-                {
-                    "image": Image.fromarray(sample.image),
-                    "instruction": format_question(sample.query, sample.is_sentence, rng),
-                    "mask": sample.mask,  # (H, W) uint8
-                    "query": sample.query,
-                    "name": sample.name,
-                    "source": sample.source,
-                    "is_sentence": sample.is_sentence,
-                    "kind": kind,
-                    # the target's colour x shape pair never was a training target (synthetic val / test)
-                    "held_out": target is not None and (target.colour, target.shape) in held_out,
-                    "index": index,
-                    "part": part,
-                }
+                ImageRow(
+                    instruction=format_question(sample.query, sample.is_sentence, rng),
+                    mask=sample.mask,
+                    query=sample.query,
+                    name=sample.name,
+                    source=sample.source,
+                    is_sentence=sample.is_sentence,
+                    kind=sample.kind,
+                    held_out=sample.held_out,
+                    index=index,
+                    part=part,
+                    image=Image.fromarray(sample.image),
+                )
             )
         return out
 
@@ -222,81 +183,27 @@ class MixtureBatchSampler:
         self._states = {self.consumed: self.sampler.state_dict()}
 
 
-def _semantic_reader(source: str, root: Path, num_classes: int, seed: int) -> SemanticReader:
-    """Readers for LISA's ``dataset/`` layout (``root`` = ``dataset/<name>``, COCO images in ``dataset/coco``).
-
-    See docs/training.md for the files each root must hold.
-    """
-    coco = root.parent / "coco" if source == "cocostuff" else root.parents[1] / "coco"  # dataset/vlpart/paco
-    if source == "ade20k":
-        names = [root / f for f in ADE20K_CLASS_FILES if (root / f).is_file()]
-        return ADE20KReader(root, SEMANTIC_TRAIN_SPLIT, names[0] if names else None, num_classes, seed)
-    if source == "mapillary":
-        return MapillaryReader(root, SEMANTIC_TRAIN_SPLIT, num_classes, seed)
-    if source == "cocostuff":
-        names = root / "cocostuff_classes.txt"
-        return CocoStuffReader(root / "train2017", coco / "train2017", names, num_classes, seed)
-    if source == "paco_lvis":  # file names in the JSON start with train2017/
-        return PacoLvisReader(root / "annotations" / "paco_lvis_v1_train.json", coco, num_classes, seed)
-    if source == "pascal_part":
-        images = root / "VOCdevkit" / "VOC2010" / "JPEGImages"
-        return PascalPartReader(root / "train.json", images, num_classes, seed)
-    raise ValueError(f"unknown semantic source {source!r}")
-
-
-def _refer_image_root(data: DataConfig, dataset: str) -> str | None:
-    return data.saiapr_image_root if dataset == "refclef" else data.coco_image_root
-
-
 def train_ratios(data: DataConfig) -> dict[str, float]:
-    """Mixture ratios: the synthetic world alone, or ``data.mixture`` over the real datasets."""
-    return {SYNTHETIC: 1.0} if data.synthetic_seed is not None else dict(data.mixture)
+    """Mixture ratios: ``data.mixture`` (per dataset or group), and 1 for a plug-in dataset it does not name.
+
+    Ratios of absent datasets are dropped (``MixtureSampler``), so a plug-in configured alone trains alone.
+    """
+    return {**{name: 1.0 for name in data.datasets}, **data.mixture}
 
 
-def build_train_datasets(
-    data: DataConfig, seed: int = 0, world: SyntheticWorld | None = None
-) -> dict[str, QueryDataset]:
-    """Every training dataset whose root is set, by mixture name."""
-    n = data.num_classes_per_sample
-    if data.synthetic_seed is not None:
-        world = world or SyntheticWorld(seed=data.synthetic_seed)
-        return {SYNTHETIC: QueryDataset(SyntheticScenes(world, TRAIN_SPLIT, n, seed), SYNTHETIC, True, seed)}
-    readers: dict[str, Sequence[Any]] = {}
-    for source, root in data.semantic_roots.items():
-        readers[source] = _semantic_reader(source, Path(root), n, seed)
-    if data.refer_root:
-        for dataset in REFER_DATASETS:
-            image_root = _refer_image_root(data, dataset)
-            if (Path(data.refer_root) / dataset).is_dir() and image_root:
-                readers[dataset] = ReferDataset(
-                    data.refer_root, image_root, dataset, TRAIN_SPLIT, mode="train", seed=seed
-                )
-    if data.reason_seg_root:
-        readers["reason_seg"] = ReasonSegDataset(data.reason_seg_root, TRAIN_SPLIT, seed=seed)
-    if not readers:
-        raise ValueError("DataConfig names no training data: set synthetic_seed or at least one dataset root")
-    return {name: QueryDataset(reader, name, True, seed) for name, reader in readers.items()}
+def build_train_datasets(data: DataConfig, seed: int = 0) -> dict[str, QueryDataset]:
+    """Every configured dataset that has a training split, by mixture name."""
+    specs = [s for s in configured_datasets(data) if s.train_reader is not None]
+    if not specs:
+        raise ValueError(
+            "DataConfig names no training data: set data.datasets (e.g. synthetic) or at least one dataset root"
+        )
+    return {s.name: QueryDataset(s.train_reader(data, seed), s.name, True, seed) for s in specs}
 
 
-def build_eval_dataset(
-    data: DataConfig, dataset: str, split: str, world: SyntheticWorld | None = None
-) -> QueryDataset:
+def build_eval_dataset(data: DataConfig, dataset: str, split: str) -> QueryDataset:
     """One evaluation split ("reason_seg"/"val", "refcoco"/"testA", "synthetic"/"test", ...), reference prompts."""
-    reader: Sequence[Any]
-    if dataset == SYNTHETIC:
-        if data.synthetic_seed is None and world is None:
-            raise ValueError("the synthetic world needs data.synthetic_seed")
-        world = world or SyntheticWorld(seed=data.synthetic_seed)
-        reader = SyntheticQueries(world, split, data.synthetic_eval_scenes)
-    elif dataset == "reason_seg":
-        if not data.reason_seg_root:
-            raise ValueError("data.reason_seg_root is not set")
-        reader = ReasonSegDataset(data.reason_seg_root, split)
-    elif dataset in REFER_DATASETS:
-        image_root = _refer_image_root(data, dataset)
-        if not data.refer_root or not image_root:
-            raise ValueError(f"{dataset} needs data.refer_root and its image root")
-        reader = ReferDataset(data.refer_root, image_root, dataset, split, mode="eval")
-    else:
-        raise ValueError(f"unknown evaluation dataset {dataset!r}")
-    return QueryDataset(reader, dataset, train=False)
+    spec = get_dataset(dataset)
+    if spec.eval_reader is None:
+        raise ValueError(f"dataset {dataset!r} has no evaluation splits")
+    return QueryDataset(spec.eval_reader(data, split), dataset, train=False)

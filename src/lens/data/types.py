@@ -20,6 +20,7 @@ class Sample:
         is_sentence: ReasonSeg's long-query flag (False for short phrases).
         source: dataset name, e.g. ``"reason_seg"``, ``"refcoco"``, ``"ade20k"``, ``"synthetic"``.
         name: an identifier unique within the source (file stem, ref id, ...), for per-sample results.
+        kind, held_out: optional per-query labels that evaluation reports as subsets.
     """
 
     image: np.ndarray
@@ -28,6 +29,8 @@ class Sample:
     is_sentence: bool = False
     source: str = ""
     name: str = ""
+    kind: str = ""  # a dataset's own query category, reported as a subset ("kind:<kind>"); "" for none
+    held_out: bool = False  # the target is of a kind held out of training (reported as the held_out subset)
 
     @property
     def ignore_mask(self) -> np.ndarray:
