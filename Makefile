@@ -1,4 +1,5 @@
 # The two commands of the README. Both set up first, so a fresh clone needs nothing else.
+# setup installs torch==2.13.0 from pip's configured index (a CUDA wheel installed before is kept).
 PYTHON ?= python3
 
 .PHONY: setup demo test lint
@@ -10,13 +11,13 @@ setup:
 demo: setup
 	lens demo
 
-test: setup
-	$(PYTHON) -m ruff check src tests benchmarks
+# ruff covers every Python file and every Python block in the Markdown files of the repository
+test: setup lint
 	$(PYTHON) -m pytest
 
 lint:
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # Regenerate the shipped synthetic-world models (docs/pretraining.md has the times and numbers: the first runs
 # of the MLLM and SAM were trained on a GPU, their continuations and the head on CPU; each command uses a GPU

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TINY_LAYER, random_image
+from helpers import TINY_LAYER, random_image
 from lens.backbone import LlavaBackbone, unique_images
 from lens.tiny import TEST_WORDS, build_llava
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import box_mask, make_lens, random_image
+from helpers import box_mask, make_lens, random_image
 from lens.batches import lens_inputs
 from lens.cache import (
     MANIFEST_NAME,

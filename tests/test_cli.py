@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lens.cli import app
@@ -63,3 +64,23 @@ def test_eval_takes_the_shipped_asset_and_names_a_bad_checkpoint(tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path / "nothing"), *args])
     assert result.exit_code == 2 and "not a LENS checkpoint" in result.output
     assert "Traceback" not in result.output
+
+
+def test_version_is_the_package_version():
+    import lens
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"lens {lens.__version__}"
+
+
+@pytest.mark.slow
+def test_the_shipped_head_loads_from_python_by_its_lens_id():
+    import torch
+
+    from lens import load_lens
+    from lens.weights import build_lens, load_lens_weights
+
+    model = load_lens("lens:synthetic/lens")
+    fresh = load_lens_weights(build_lens(model.config), "lens:synthetic/lens")
+    shipped, loaded = model.trainable_state_dict(), fresh.trainable_state_dict()
+    assert shipped.keys() == loaded.keys() and all(torch.equal(shipped[k], loaded[k]) for k in shipped)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_lens
+from helpers import make_lens
 from lens.cache import CacheKey, build_cache
 from lens.config import DataConfig, LensConfig
 from lens.data.loader import QueryDataset, build_eval_dataset

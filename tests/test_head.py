@@ -32,13 +32,7 @@ def _inputs(B=2, L=12, image=(2, 8), text_end=(12, 10)):
 
 def test_layer_matches_hf_llama_decoder_layer():
     """The head mirrors the backbone layer exactly: same weights, same output (independent reference)."""
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6
-    )
-    config._attn_implementation = "eager"
-    hf_layer = LlamaDecoderLayer(config, layer_idx=0).eval()
-    for p in hf_layer.parameters():  # RMSNorm weights are ones by default: make the test sensitive to them
-        torch.nn.init.normal_(p, std=0.1)
+    config, hf_layer = _hf_layer()
     head = SegmentationHead(SPEC)
     head.layers[0].load_state_dict(hf_layer.state_dict())
     hidden, attention_mask, positions, *_ = _inputs(B=1, text_end=(12,))
@@ -75,16 +69,37 @@ def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients():
         torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_map_shape_range_and_normalisation():
+def _hf_layer() -> tuple[LlamaConfig, LlamaDecoderLayer]:
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6
+    )
+    config._attn_implementation = "eager"
+    hf_layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    for p in hf_layer.parameters():  # RMSNorm weights are ones by default: make the test sensitive to them
+        torch.nn.init.normal_(p, std=0.1)
+    return config, hf_layer
+
+
+def test_attention_map_is_eq1_over_the_reference_attention_probabilities():
+    """A_c from HF's own Llama attention (eager, same weights): per sample, the mean over heads and over the
+    real text rows of their attention to each image column; attention_scores is that times n_image."""
+    config, hf_layer = _hf_layer()
     head = SegmentationHead(SPEC)
-    hidden, attention_mask, positions, image_span, text_span = _inputs()
-    out = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
-    assert out.attention_map.shape == (2, 2, 3) and out.hidden_states.shape == hidden.shape
-    assert (out.attention_map >= 0).all() and (out.attention_map <= 1).all()
-    torch.testing.assert_close(out.attention_map, out.attention_scores / 6)  # eq. 1: the plain mean
-    # A_c summed over cells = the average text row's total attention on the image, <= 1.
-    mass = out.attention_map.flatten(1).sum(1)
-    assert (mass > 0).all() and (mass <= 1 + 1e-6).all()
+    head.layers[0].load_state_dict(hf_layer.state_dict())
+    hidden, attention_mask, positions, image_span, text_span = _inputs(text_end=(12, 10))
+    with torch.no_grad():
+        out = head(hidden, attention_mask, positions, image_span, text_span, (2, 3))
+        rope = LlamaRotaryEmbedding(config)(hidden, positions)
+        _, probs = hf_layer.self_attn(
+            hf_layer.input_layernorm(hidden),
+            position_embeddings=rope,
+            attention_mask=causal_mask(attention_mask, torch.float32),
+        )  # (B, heads, L, L)
+    for b, (end, (i0, i1)) in enumerate(zip((12, 10), image_span.tolist(), strict=True)):
+        expected = probs[b, :, i1:end, i0:i1].mean(0).mean(0).view(2, 3)  # text rows 8..end-1
+        torch.testing.assert_close(out.attention_map[b], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.attention_scores[b], 6 * expected, rtol=1e-5, atol=1e-6)
+        assert 0 < float(expected.sum()) <= 1  # a share of each text row's probability mass
 
 
 def test_attention_loss_is_eq5_on_the_plain_mean():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import box_mask, make_lens, random_image
+from helpers import box_mask, make_lens, random_image
 from lens.model import TRAINABLE_PREFIXES, LensInputs
 from lens.weights import load_lens_weights, save_lens_weights
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_lens
+from helpers import make_lens
 from lens.cache import CacheKey, build_cache
 from lens.checkpoints import CHECKPOINTS, LENS_SUBDIR, latest_checkpoint
 from lens.config import LensConfig

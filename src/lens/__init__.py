@@ -5,10 +5,11 @@ from typing import TYPE_CHECKING
 from lens.config import LensConfig
 
 __version__ = "0.1.0"
-__all__ = ["LensConfig", "LensModel", "LensOutput", "Prediction", "__version__"]
+__all__ = ["LensConfig", "LensModel", "LensOutput", "Prediction", "__version__", "load_lens"]
 
 if TYPE_CHECKING:
     from lens.model import LensModel, LensOutput, Prediction
+    from lens.weights import load_lens
 
 
 def __getattr__(name: str):
@@ -17,4 +18,8 @@ def __getattr__(name: str):
         from lens import model
 
         return getattr(model, name)
+    if name == "load_lens":
+        from lens.weights import load_lens
+
+        return load_lens
     raise AttributeError(f"module 'lens' has no attribute {name!r}")

@@ -20,6 +20,24 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from lens import __version__
+
+        Console().print(f"lens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """LENS: segmentation as a plug-in for a frozen multimodal LLM."""
+
+
 # Errors a user can cause (bad path, unreadable image, bad config, wrong checkpoint): one line, no traceback.
 # lens.errors.InvalidInput (and its InvalidConfig / InvalidCheckpoint / ImageNotFound) are ValueErrors.
 USER_ERRORS = (OSError, ValueError)

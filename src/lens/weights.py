@@ -68,8 +68,8 @@ def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
 
 
 def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
-    """Fill the trainable parts of ``model`` from a checkpoint directory or ``.safetensors`` file."""
-    path = Path(path)
+    """Fill the trainable parts of ``model`` from a checkpoint directory, ``.safetensors`` file or ``lens:`` id."""
+    path = Path(resolve_model_id(str(path)))  # a directory, a .safetensors file or a shipped lens: id
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")

@@ -82,7 +82,9 @@ def world_from_config(data: DataConfig) -> SyntheticWorld:
     known = {f.name for f in dataclasses.fields(SyntheticWorld)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"data.datasets.synthetic: unknown key(s) {unknown}; known: {[*_OWN_OPTIONS, *known]}")
+        raise ValueError(
+            f"data.datasets.synthetic: unknown key(s) {unknown}; known: {[*_OWN_OPTIONS, *known]}"
+        )
     if "held_out_pairs" in options:  # YAML gives lists
         options["held_out_pairs"] = frozenset(tuple(pair) for pair in options["held_out_pairs"])
     return SyntheticWorld(**options)
