@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import random_image
+from helpers import random_image
 from lens.errors import InvalidInput
 
 

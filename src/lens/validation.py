@@ -36,7 +36,12 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("TrainConfig", "batch_size"): (1, None),
     ("TrainConfig", "grad_accum_steps"): (1, None),
     ("TrainConfig", "max_grad_norm"): (0, None),
-    ("DataConfig", "synthetic_eval_scenes"): (1, None),
+    ("TrainConfig", "save_every"): (1, None),
+    ("TrainConfig", "keep_checkpoints"): (1, None),
+    ("TrainConfig", "eval_every"): (0, None),
+    ("TrainConfig", "eval_limit"): (1, None),
+    ("TrainConfig", "eval_batch_size"): (1, None),
+    ("TrainConfig", "log_every"): (1, None),
     ("DataConfig", "num_classes_per_sample"): (1, None),
     ("DataConfig", "num_workers"): (0, None),
     ("DataConfig", "mixture"): (0, None),
@@ -44,6 +49,7 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("BackboneConfig", "dtype"): ("float32", "float16", "bfloat16"),
     ("TrainConfig", "mixed_precision"): ("no", "fp16", "bf16"),
+    ("TrainConfig", "lr_schedule"): ("linear", "cosine"),
 }
 
 
@@ -57,7 +63,7 @@ def check_field(cls: type, name: str, hint: Any, value: Any, where: str) -> Any:
     value = _check_type(hint, value, where)
     key = (cls.__name__, name)
     if key in CHOICES and value is not None and value not in CHOICES[key]:
-        raise InvalidConfig(f"{where}: {value!r} is not one of {list(CHOICES[key])}")
+        raise InvalidConfig(f"{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in LIMITS and value is not None:
         low, high = LIMITS[key]
         numbers = (
@@ -65,8 +71,10 @@ def check_field(cls: type, name: str, hint: Any, value: Any, where: str) -> Any:
         )
         for number in numbers:
             if (low is not None and number < low) or (high is not None and number > high):
-                span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-                raise InvalidConfig(f"{where}: {number!r} is outside {span}")
+                bound = (
+                    f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+                )
+                raise InvalidConfig(f"{where} must be {bound}, got {number!r}")
     return value
 
 
