@@ -350,7 +350,9 @@ def _validate(
 ) -> dict[str, float]:
     """gIoU / cIoU on the first ``train.eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
     out_dir = output_dir / "val" / STEP_NAME.format(step)
-    results = evaluate(model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit)
+    results = evaluate(
+        model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit, replace_stale=True
+    )
     overall = results["splits"][split.label]["overall"]
     return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
 
