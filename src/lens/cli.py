@@ -131,13 +131,21 @@ def train(
     cache_root: Annotated[Path | None, typer.Option(help="read features from `lens cache` output")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     stop_at_step: Annotated[int | None, typer.Option(help="end this run early; --resume continues")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier run's output in output_dir")] = False,
 ) -> None:
     """Train the LENS head (Accelerate: run under `accelerate launch` for several GPUs / nodes)."""
 
     def job() -> None:
         from lens.training import train
 
-        train(_config(config, set_), output_dir, resume, cache_root=cache_root, stop_at_step=stop_at_step)
+        train(
+            _config(config, set_),
+            output_dir,
+            resume,
+            cache_root=cache_root,
+            stop_at_step=stop_at_step,
+            overwrite=overwrite,
+        )
 
     _run(job)
 
