@@ -20,6 +20,7 @@ from lens.data.reason_seg import ReasonSegDataset
 from lens.data.synthetic import SyntheticWorld, export_split
 from lens.data.synthetic.dataset import SyntheticQueries
 from lens.evaluation import (
+    IDENTITY_NAME,
     PARTS_DIR,
     PER_SAMPLE_NAME,
     RESULTS_JSON,
@@ -138,6 +139,7 @@ def test_resumed_evaluation_skips_done_items_and_gives_identical_results(
     # An interrupted run: five test items written (batch 0-3 complete, batch 4-7 not), then a cut line.
     (tmp_path / "resumed" / PARTS_DIR).mkdir(parents=True)
     (tmp_path / "resumed" / PARTS_DIR / "rank0.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    shutil.copy(tmp_path / "full" / IDENTITY_NAME, tmp_path / "resumed")  # written before any record
     calls = _count_prepared(lens, monkeypatch)
     assert evaluate(lens, splits, tmp_path / "resumed", batch_size=4) == full
     assert sum(calls) == len(lines) - 4  # batches are fixed: the unfinished one is re-run whole

@@ -360,3 +360,11 @@ def test_padded_grid_helpers_by_hand() -> None:
     assert index.tolist() == [[[0, 1, 2], [3, 4, 5]], [[0, 1, -1], [-1, -1, -1]]]
     values = torch.tensor([[1.0, 2, 3, 4, 5, 6], [7, 8, 99, 99, 99, 99]])  # row 1: cells beyond 2 are padding
     assert to_padded_grid(values, sizes, 2, 3).tolist() == [[[1, 2, 3], [4, 5, 6]], [[7, 8, 0], [0, 0, 0]]]
+
+
+def test_an_image_too_elongated_for_the_decoder_is_refused_by_name():
+    from lens.geometry import longest_side_shape
+
+    assert longest_side_shape(2, 2048, 1024) == (1, 1024)  # 2 * 0.5 = 1 pixel: still representable
+    with pytest.raises(ValueError, match="too elongated"):
+        longest_side_shape(1, 4096, 1024)  # 0.25 pixel rounds to 0

@@ -43,7 +43,9 @@ from lens.config import LensConfig
 from lens.data.loader import ImageRow, ItemSource, Row
 from lens.data.registry import get_dataset, registered_names
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
+from lens.errors import InvalidCheckpoint
 from lens.geometry import ImageGeometry
+from lens.integrity import sha256_file
 from lens.io import atomic_write, atomic_write_text
 from lens.model import LensInputs, LensModel
 
@@ -263,7 +265,9 @@ def finalize_cache(out_dir: str | Path) -> None:
         raise FileNotFoundError(
             f"feature cache {out_dir}: {len(missing)} shard(s) missing, e.g. {missing[0]}"
         )
-    _write_manifest(out_dir, {**manifest, "shards": shards, "complete": True})
+    # SHA-256 of every shard: a shard corrupted after the build is named when read, never used
+    sums = {s: sha256_file(out_dir / s) for s in shards}
+    _write_manifest(out_dir, {**manifest, "shards": shards, "sha256": sums, "complete": True})
 
 
 class CachedDataset:
@@ -295,7 +299,14 @@ class CachedDataset:
 
     def _shard(self, shard: int) -> tuple[Any, list[dict[str, Any]], Tensor]:
         if shard not in self._open:
-            handle = safe_open(str(self.directory / self.manifest["shards"][shard]), framework="pt")
+            path = self.directory / self.manifest["shards"][shard]
+            expected = self.manifest.get("sha256", {}).get(path.name)  # caches built before checksums: None
+            if expected is not None and (not path.is_file() or sha256_file(path) != expected):
+                raise InvalidCheckpoint(
+                    f"{path} is {'corrupted' if path.is_file() else 'missing'}: "
+                    f"its checksum differs from {self.directory / MANIFEST_NAME}; rebuild the cache"
+                )
+            handle = safe_open(str(path), framework="pt")
             meta = json.loads(handle.metadata()["rows"])
             self._open[shard] = (handle, meta, handle.get_tensor("item_rows"))
         return self._open[shard]

@@ -4,10 +4,16 @@
 states, sampler position) plus ``lens/``, a loadable LENS checkpoint; ``checkpoints/latest`` names the newest.
 A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written one behind
 ``latest``.
+
+Nothing is unpickled on resume: the loop's own state (step, sampler position) is ``progress.json``, not
+Accelerate's ``custom_checkpoint_0.pkl`` (which it loads with ``weights_only=False``); Accelerate reads the
+optimizer, scheduler and RNG files with ``torch.load(weights_only=True)``, the weights from safetensors. Every
+file is listed with its SHA-256 in ``manifest.json`` and checked before anything is loaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,6 +24,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from lens.data.loader import MixtureBatchSampler
+from lens.errors import InvalidCheckpoint
+from lens.integrity import verify_manifest, write_manifest
+from lens.io import atomic_write_text
 from lens.model import LensModel
 from lens.weights import load_lens_weights, save_lens_weights
 
@@ -26,10 +35,11 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 LENS_SUBDIR = "lens"
 STEP_NAME = "step_{:07d}"
+PROGRESS_NAME = "progress.json"
 
 
 class TrainProgress:
-    """Checkpointed with Accelerate (``register_for_checkpointing``): the step and the sampler position."""
+    """The step and the sampler position: plain ints and dicts, checkpointed as JSON (``PROGRESS_NAME``)."""
 
     def __init__(self, batches: MixtureBatchSampler):
         self.step, self.batches = 0, batches
@@ -57,7 +67,12 @@ def keep_trainable(models: list, weights: list[dict[str, torch.Tensor]], _direct
 
 
 def save_checkpoint(
-    accelerator: Accelerator, model: LensModel, step: int, output_dir: Path, keep: int
+    accelerator: Accelerator,
+    model: LensModel,
+    step: int,
+    output_dir: Path,
+    keep: int,
+    progress: TrainProgress | None = None,
 ) -> None:
     """Write ``step``'s checkpoint, point ``latest`` at it, and delete all but the ``keep`` newest."""
     root = output_dir / CHECKPOINTS
@@ -67,8 +82,12 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+    accelerator.wait_for_everyone()  # every process's files are in tmp before the manifest lists them
     if accelerator.is_main_process:
         save_lens_weights(model, tmp / LENS_SUBDIR)
+        if progress is not None:
+            atomic_write_text(tmp / PROGRESS_NAME, json.dumps(progress.state_dict()))
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (root / f".{LATEST}").write_text(final.name)
@@ -79,8 +98,23 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, model: LensModel, checkpoint: Path) -> None:
-    """Restore every piece of a checkpoint's state, so the resumed run takes the steps the first one would have."""
+def load_checkpoint(
+    accelerator: Accelerator, model: LensModel, checkpoint: Path, progress: TrainProgress | None = None
+) -> None:
+    """Restore every piece of a checkpoint's state, so the resumed run takes the steps the first one would have.
+
+    Raises ``InvalidCheckpoint`` naming a missing, truncated or altered file before loading anything.
+    """
+    verify_manifest(checkpoint)
+    for pickled in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):  # Accelerate would unpickle it
+        raise InvalidCheckpoint(f"{pickled}: LENS never writes pickles; refusing a checkpoint that holds one")
+    if progress is not None:
+        try:
+            progress.load_state_dict(json.loads((checkpoint / PROGRESS_NAME).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InvalidCheckpoint(
+                f"{checkpoint / PROGRESS_NAME}: cannot restore the run's progress ({err})"
+            ) from None
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     # the frozen MLLM / SAM encoder are not in the checkpoint (keep_trainable), hence not strict
     accelerator.load_state(

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from lens.cache import CachedDataset, CacheKey
 from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row, build_eval_dataset
 from lens.data.registry import configured_datasets, get_dataset, registered_names
+from lens.errors import InvalidInput
+from lens.integrity import model_identity
 from lens.io import atomic_write_text
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
@@ -47,6 +50,7 @@ PARTS_DIR = "parts"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PREDICTIONS_DIR = "predictions"
+IDENTITY_NAME = "eval_identity.json"  # the model, and per split limit / batch size / items, of the records
 
 
 @dataclass
@@ -203,12 +207,18 @@ def evaluate(
     limit: int | None = None,
     save_predictions: bool = False,
     method: str = "LENS",
+    replace_stale: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` on ``splits`` (first ``limit`` items of each) and write the per-sample file and tables.
+
+    Records already in ``output_dir`` are reused only when ``eval_identity.json`` says the same model (content
+    hash of its trainable weights and config) wrote them with the same limit, batch size and split sizes;
+    otherwise the run is refused (``InvalidInput``), or with ``replace_stale`` the old records are removed.
 
     Arguments:
         accelerator: an ``accelerate.Accelerator`` to shard items over its processes (None: one process).
         method: row name in the Markdown tables.
+        replace_stale: drop records of another model instead of refusing (training's validation).
 
     Returns:
         The content of ``results.json`` (on every process).
@@ -216,7 +226,13 @@ def evaluate(
     dist = accelerator or _SingleProcess()
     output_dir = Path(output_dir)
     (output_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    done = {r["item"] for r in read_records(output_dir).values()}
+    if dist.is_main_process:
+        _claim(output_dir, model, splits, limit, batch_size, replace_stale)
+    dist.wait_for_everyone()
+    records = read_records(output_dir).values()
+    done = {r["item"] for r in records}
+    if save_predictions:  # a rerun asked for predictions: items scored without one are scored again
+        done -= {r["item"] for r in records if not prediction_path(output_dir, r).is_file()}
     was_training = model.training
     model.eval()
     part = output_dir / PARTS_DIR / f"rank{dist.process_index}.jsonl"
@@ -248,6 +264,42 @@ def evaluate(
         _write_results(output_dir, splits, limit, method)
     dist.wait_for_everyone()
     return json.loads((output_dir / RESULTS_JSON).read_text())
+
+
+def _claim(
+    output_dir: Path,
+    model: LensModel,
+    splits: Sequence[EvalSplit],
+    limit: int | None,
+    batch_size: int,
+    replace: bool,
+) -> None:
+    """Refuse (or clear) records in ``output_dir`` that another model or setting wrote; record ours."""
+    identity = model_identity(model.trainable_state_dict(), model.config.to_dict())
+    wanted = {s.label: {"limit": limit, "batch_size": batch_size, "items": len(s.data)} for s in splits}
+    path = output_dir / IDENTITY_NAME
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    problem = None
+    if saved is None and read_records(output_dir):
+        problem = "holds evaluation records of an unknown checkpoint"
+    elif saved is not None and saved["model"] != identity:
+        problem = f"holds records of another checkpoint (model {saved['model']}, this one {identity})"
+    elif saved is not None:
+        for label, setting in wanted.items():
+            before = saved["splits"].get(label)
+            if before is not None and before != setting:
+                problem = f"holds {label} records made with {before}, this run has {setting}"
+    if problem and not replace:
+        raise InvalidInput(f"{output_dir} {problem}; evaluate into a new --output-dir or remove it")
+    if problem:
+        for stale in [output_dir / PER_SAMPLE_NAME, output_dir / RESULTS_JSON, output_dir / RESULTS_MD]:
+            stale.unlink(missing_ok=True)
+        for stale in (output_dir / PARTS_DIR).glob("*.jsonl"):
+            stale.unlink()
+        shutil.rmtree(output_dir / PREDICTIONS_DIR, ignore_errors=True)
+        saved = None
+    merged = {"model": identity, "splits": {**(saved or {"splits": {}})["splits"], **wanted}}
+    atomic_write_text(path, json.dumps(merged, indent=1))
 
 
 def _write_results(output_dir: Path, splits: Sequence[EvalSplit], limit: int | None, method: str) -> None:

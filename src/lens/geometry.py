@@ -41,7 +41,13 @@ def longest_side_shape(height: int, width: int, long_side: int) -> tuple[int, in
     for name, value in (("height", height), ("width", width), ("long_side", long_side)):
         _check_positive_int(name, value)
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    if min(new_h, new_w) == 0:  # SAM's own processor would fail on an empty resize
+        raise ValueError(
+            f"a {width}x{height} image is too elongated for a {long_side}-pixel decoder input: its short side "
+            "would round to 0 pixels"
+        )
+    return new_h, new_w
 
 
 @dataclass(frozen=True)

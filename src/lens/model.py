@@ -23,6 +23,7 @@ from lens.decoders import ImageEmbeddings, MaskDecoderBridge
 from lens.descriptor import KeypointDescriptor
 from lens.geometry import ImageGeometry, grid_cell_index, pad_grids, to_padded_grid, valid_cell_mask
 from lens.head import SegmentationHead
+from lens.images import load_image, validate_queries
 from lens.keypoints import extract_keypoints, sample_neighbourhood
 from lens.losses import lens_loss
 
@@ -188,10 +189,10 @@ class LensModel(nn.Module):
         return out
 
     @torch.inference_mode()
-    def embed_image(self, image: Image.Image | np.ndarray) -> EmbeddedImage:
+    def embed_image(self, image: Image.Image | np.ndarray | str | bytes | Tensor) -> EmbeddedImage:
         """The text-independent work on ``image``, done once: the decoder's image embedding and, where the
         backbone can share it, its prompt prefix (chat template + image through layers 1..k)."""
-        image = _as_image(image)
+        image = load_image(image)
         embeddings = self.decoder.embed_images([image])
         prefix = self.backbone.encode_prefix(image)
         geometry = ImageGeometry(
@@ -204,12 +205,16 @@ class LensModel(nn.Module):
         self, image: Image.Image | np.ndarray | EmbeddedImage, text: str | Sequence[str]
     ) -> Prediction | list[Prediction]:
         """Segment what ``text`` asks for in ``image``. Texts on one image share its decoder embedding and, with
-        an ``EmbeddedImage`` (``embed_image``), its backbone prefix too."""
-        texts = [text] if isinstance(text, str) else list(text)
+        an ``EmbeddedImage`` (``embed_image``), its backbone prefix too.
+
+        ``image``: an ``EmbeddedImage`` or anything ``lens.images.load_image`` accepts (PIL image, path, bytes,
+        array, tensor); bad images and queries raise ``lens.errors.InvalidInput`` naming the problem.
+        """
+        texts = validate_queries([text] if isinstance(text, str | bytes) else list(text), self.backbone)
         if not texts:
             raise ValueError("predict() needs at least one text")
         embedded = image if isinstance(image, EmbeddedImage) else None
-        pil = embedded.image if embedded is not None else _as_image(image)
+        pil = embedded.image if embedded is not None else load_image(image)  # upright 8-bit RGB
         with _inference(self):
             if embedded is None:
                 embeddings = self.decoder.embed_images([pil])
@@ -239,11 +244,7 @@ class LensModel(nn.Module):
                     geometry=geometry,
                 )
             )
-        return predictions[0] if isinstance(text, str) else predictions
-
-
-def _as_image(image: Image.Image | np.ndarray) -> Image.Image:
-    return Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        return predictions[0] if isinstance(text, str | bytes) else predictions
 
 
 def _first_tensor(embeddings: ImageEmbeddings) -> Tensor:

@@ -35,6 +35,7 @@ from lens.cache import (
     finalize_cache,
 )
 from lens.checkpoints import (
+    CHECKPOINTS,
     STEP_NAME,
     TrainProgress,
     keep_trainable,
@@ -57,6 +58,7 @@ from lens.data.mixing import MixtureSampler
 from lens.data.registry import REASON_SEG, get_dataset
 from lens.evaluation import EvalSplit, evaluate
 from lens.model import LensModel
+from lens.rundir import check_output_dir, clear, save_run_config
 from lens.weights import build_lens, build_lens_for_cache, load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ logger = logging.getLogger(__name__)
 FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
+RUN_OUTPUT = (CHECKPOINTS, FINAL, LOG_NAME, "val", TENSORBOARD)  # a directory holding any of these is a run
 LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
 
 
@@ -180,6 +183,7 @@ def train(
     data: TrainData | None = None,
     cache_root: str | Path | None = None,
     stop_at_step: int | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train LENS as ``config`` says; returns this run's log records (also in ``train_log.jsonl``).
 
@@ -193,14 +197,20 @@ def train(
         data: ready datasets; default ``build_train_data(config, cache_root)``.
         cache_root: read features from ``lens cache`` output instead of running the MLLM.
         stop_at_step: end this run early (e.g. a time-limited job); ``resume`` continues it.
+        overwrite: remove an earlier run's output in ``output_dir`` first (refused without this or ``resume``).
     """
     if stop_at_step is not None and stop_at_step < 1:
         raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
     output_dir = Path(output_dir)
-    start = latest_checkpoint(output_dir)
+    start = None if overwrite else latest_checkpoint(output_dir)
     if start is not None and not resume:
-        raise FileExistsError(f"{output_dir} already has checkpoints: resume, or train into a new folder")
+        raise FileExistsError(f"{output_dir} already has checkpoints: --resume, or train into a new folder")
+    stale = check_output_dir(output_dir, config, resume, overwrite, start is not None, RUN_OUTPUT)
     run = _build(config, output_dir, model, data, cache_root, warm_start=start is None)
+    if run.accelerator.is_main_process:
+        clear(output_dir, stale)
+        save_run_config(output_dir, config)
+    run.accelerator.wait_for_everyone()
     _resume(run, start)
     records = _loop(run, min(config.train.max_steps, stop_at_step or config.train.max_steps))
     _save_final(run)
@@ -260,7 +270,7 @@ def _build(
         ds.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_clipping=tc.max_grad_norm)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainProgress(batches)
-    accelerator.register_for_checkpointing(progress)
+    # progress is saved as JSON by save_checkpoint, never registered with Accelerate (it would pickle it)
     accelerator.register_save_state_pre_hook(keep_trainable)
     unwrapped: LensModel = accelerator.unwrap_model(wrapped)
     return _Run(
@@ -272,7 +282,7 @@ def _build(
 def _resume(run: _Run, start: Path | None) -> None:
     """Restore the latest checkpoint (weights, optimizer, schedule, RNG, sampler) and cut the log to it."""
     if start is not None:
-        load_checkpoint(run.accelerator, run.unwrapped, start)
+        load_checkpoint(run.accelerator, run.unwrapped, start, run.progress)
         logger.info("resumed from %s at step %d", start, run.progress.step)
     if run.accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +343,9 @@ def _loop(run: _Run, stop: int) -> list[dict[str, Any]]:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         if progress.step % tc.save_every == 0 or progress.step == stop:
-            save_checkpoint(accelerator, run.unwrapped, progress.step, run.output_dir, tc.keep_checkpoints)
+            save_checkpoint(
+                accelerator, run.unwrapped, progress.step, run.output_dir, tc.keep_checkpoints, progress
+            )
         if progress.step >= stop:
             break
     bar.close()
@@ -350,7 +362,9 @@ def _validate(
 ) -> dict[str, float]:
     """gIoU / cIoU on the first ``train.eval_limit`` validation items; files in ``val/step_XXXXXXX``."""
     out_dir = output_dir / "val" / STEP_NAME.format(step)
-    results = evaluate(model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit)
+    results = evaluate(
+        model, [split], out_dir, tc.eval_batch_size, accelerator, tc.eval_limit, replace_stale=True
+    )
     overall = results["splits"][split.label]["overall"]
     return {"val_giou": overall["giou"], "val_ciou": overall["ciou"]}
 

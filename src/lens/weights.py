@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -27,6 +27,7 @@ from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
 from lens.config import BackboneConfig, LensConfig
 from lens.decoders import MaskDecoderBridge, load_decoder
+from lens.errors import InvalidCheckpoint
 from lens.io import atomic_write
 from lens.model import LensModel
 
@@ -75,8 +76,11 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")
-    _check_decoder(model, file, path / CONFIG_NAME if path.is_dir() else file.parent / CONFIG_NAME)
-    state = load_file(str(file), device=str(model.device))
+    try:
+        _check_decoder(model, file, path / CONFIG_NAME if path.is_dir() else file.parent / CONFIG_NAME)
+        state = load_file(str(file), device=str(model.device))
+    except (SafetensorError, OSError) as err:  # truncated, or not safetensors at all: name the file
+        raise InvalidCheckpoint(f"{file} is not a readable safetensors file ({err})") from None
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
