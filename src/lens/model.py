@@ -59,6 +59,20 @@ class Prediction:
     )  # (n,) bool: keypoint falls inside the mask (white vs red in the paper's Fig. 3)
     attention_map: np.ndarray  # (gh, gw) A_c in [0, 1]
     geometry: ImageGeometry  # maps between this image, the attention grid and SAM's frame
+    mask_logits: np.ndarray | None = None  # (H, W) float32 logits behind ``mask`` (presence calibration)
+
+
+# --- interfaces: minimal embed-once stand-in until branch `contracts` lands its EmbeddedImage (replace then) ---
+@dataclass
+class EmbeddedImage:
+    """One image after its frozen, query-independent work: here SAM's image embedding only (prefix=None)."""
+
+    image: Image.Image
+    decoder_embeddings: Tensor  # (1, d_s, h, w) SAM image-encoder output
+    prefix: object | None = None  # the backbone's cached template + image prefix (not kept by this stand-in)
+
+
+# --- end of the stand-in ---
 
 
 class LensModel(nn.Module):
@@ -159,10 +173,17 @@ class LensModel(nn.Module):
         return out
 
     @torch.inference_mode()
+    def embed_image(self, image: Image.Image) -> EmbeddedImage:  # interfaces stand-in (see EmbeddedImage)
+        """SAM's embedding of ``image``, computed once for any number of later ``predict`` calls."""
+        return EmbeddedImage(image, self.bridge.embed_images([image]))
+
+    @torch.inference_mode()
     def predict(
-        self, image: Image.Image | np.ndarray, text: str | Sequence[str]
+        self, image: Image.Image | np.ndarray | EmbeddedImage, text: str | Sequence[str]
     ) -> Prediction | list[Prediction]:
         """Segment what ``text`` asks for in ``image``. A list of texts shares one SAM image embedding."""
+        embedded = image if isinstance(image, EmbeddedImage) else None  # interfaces stand-in
+        image = embedded.image if embedded is not None else image
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         texts = [text] if isinstance(text, str) else list(text)
@@ -171,7 +192,9 @@ class LensModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            embedding = self.bridge.embed_images([image])
+            embedding = (
+                embedded.decoder_embeddings if embedded is not None else self.bridge.embed_images([image])
+            )
             features = self.backbone.encode([image] * len(texts), texts)
             out = self(LensInputs(features, embedding.expand(len(texts), -1, -1, -1)))
         finally:
@@ -191,6 +214,7 @@ class LensModel(nn.Module):
                     keypoints_inside=mask[rows, cols],
                     attention_map=out.attention_map[i].float().cpu().numpy(),
                     geometry=geometry,
+                    mask_logits=out.mask_logits[i].float().cpu().numpy(),
                 )
             )
         return predictions[0] if isinstance(text, str) else predictions
