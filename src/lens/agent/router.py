@@ -36,6 +36,9 @@ class RouterPrompt:
         ("what shape is the thing you found?", "follow_up"),
     )
     turn_format: str = "request: {text} kind:"
+    # Contextual calibration ("Calibrate Before Use", Zhao et al. 2021): label scores minus their scores for
+    # this content-free turn, which removes the MLLM's prior preference for one label word.
+    content_free: str | None = "n/a"
 
     def __post_init__(self) -> None:
         if set(self.labels) != set(INTENTS) or len(set(self.labels.values())) != len(INTENTS):
@@ -55,7 +58,7 @@ class RouterPrompt:
 @dataclass
 class Route:
     intent: str  # one of INTENTS
-    log_likelihoods: dict[str, float]  # per intent
+    log_likelihoods: dict[str, float]  # per intent (minus the content-free turn's when calibrated)
 
 
 class Router:
@@ -90,6 +93,9 @@ class Router:
             prompt = self.prompt.render(text, shots)
         labels = [" " + self.prompt.labels[i] for i in INTENTS]
         scores = self.backbone.score_continuations(image, prompt, labels)  # (3,)
+        if self.prompt.content_free is not None:
+            blank = self.prompt.render(self.prompt.content_free, shots)
+            scores = scores - self.backbone.score_continuations(image, blank, labels)
         best = int(torch.as_tensor(scores).argmax())
         return Route(INTENTS[best], {i: float(s) for i, s in zip(INTENTS, scores, strict=True)})
 
