@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -23,25 +21,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from lens.data.synthetic import SyntheticWorld  # noqa: E402
 from lens.pipeline import LensPipeline  # noqa: E402
 from lens.serve import ServeSettings, create_app  # noqa: E402
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on a free localhost port in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+from lens.serve import serve_in_thread as running  # noqa: E402
 
 
 @pytest.fixture(scope="module")

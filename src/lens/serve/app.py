@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,7 @@ def create_app(
 
     app = FastAPI(title="LENS", version="0.1.0", lifespan=lifespan)
     app.state.queue, app.state.settings, app.state.conversations = queue, settings, conversations
+    app.state.agent, app.state.executor = agent, executor
 
     @app.middleware("http")
     async def request_id_and_size(request: Request, call_next):
@@ -239,3 +240,27 @@ def _problem(
     status: int, message: str, request_id: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": request_id}, status_code=status, headers=headers)
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
+    """Run ``app`` with uvicorn in a background thread (tests, notebooks); yields the base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout_s
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
