@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from lens.assets import SYNTHETIC_LENS
+from lens.images import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     help="LENS: segmentation as a plug-in for a frozen multimodal LLM.",
@@ -19,23 +21,36 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Errors a user can cause (bad path, unreadable image, bad config, wrong checkpoint): one line, no traceback.
+# lens.errors.InvalidInput (and its InvalidConfig / InvalidCheckpoint / ImageNotFound) are ValueErrors.
 USER_ERRORS = (OSError, ValueError)
+INTERRUPTED = "interrupted; rerun the same command to resume"
+Positive = typer.Option(min=1)
 
 
 def _run(job, *args, **kwargs):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return job(*args, **kwargs)
+    except KeyboardInterrupt:  # Ctrl-C: every long command is resumable, so say so instead of a traceback
+        console.print(INTERRUPTED, soft_wrap=True, markup=False)
+        raise typer.Exit(code=130) from None
     except USER_ERRORS as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever it held
+        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
         raise typer.Exit(code=2) from None
+
+
+def _device(name: str) -> str:
+    from lens.devices import validate_device
+
+    return str(validate_device(name))
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where figures and scores.json go")] = Path("outputs/demo"),
-    queries: Annotated[int, typer.Option(help="test-split queries to segment")] = 8,
-    questions: Annotated[int, typer.Option(help="VQA questions to ask the frozen MLLM")] = 6,
+    queries: Annotated[int, typer.Option(min=1, help="test-split queries to segment")] = 8,
+    questions: Annotated[int, typer.Option(min=0, help="VQA questions to ask the frozen MLLM")] = 6,
     checkpoint: Annotated[
         str, typer.Option(help="LENS checkpoint directory or lens: asset")
     ] = SYNTHETIC_LENS,
@@ -44,7 +59,7 @@ def demo(
     """Run the whole method offline on the synthetic world with the shipped small models."""
     from lens.demo import run_demo
 
-    _run(run_demo, out, queries, questions, checkpoint, device, Console())
+    _run(lambda: run_demo(out, queries, questions, checkpoint, _device(device), Console()))
 
 
 @app.command()
@@ -56,19 +71,20 @@ def predict(
     ] = SYNTHETIC_LENS,
     out: Annotated[Path, typer.Option(help="figure to write")] = Path("outputs/prediction.png"),
     device: str = "cpu",
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="refuse larger images (decompression bombs)")
+    ] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Segment what TEXT asks for in IMAGE and save a figure (mask, A_c, keypoints)."""
 
     def job() -> None:
-        from PIL import Image
-
+        from lens.images import load_image, validate_query
         from lens.visualize import lens_figure
         from lens.weights import load_lens
 
-        if not image.is_file():
-            raise FileNotFoundError(f"no image at {image}")
-        picture = Image.open(image).convert("RGB")
-        prediction = load_lens(checkpoint, device).eval().predict(picture, text)
+        picture = load_image(image, max_pixels=max_pixels)  # upright RGB, checked before the model loads
+        validate_query(text)
+        prediction = load_lens(checkpoint, _device(device)).eval().predict(picture, text)
         out.parent.mkdir(parents=True, exist_ok=True)
         lens_figure(picture, prediction, text).save(out)
         Console().print(
@@ -130,8 +146,8 @@ def evaluate(
         str | None, typer.Option(help="comma-separated dataset/split, e.g. reason_seg/val")
     ] = None,
     cache_root: Annotated[Path | None, typer.Option(help="read features from `lens cache` output")] = None,
-    batch_size: int = 8,
-    limit: Annotated[int | None, typer.Option(help="items per split (default: all)")] = None,
+    batch_size: Annotated[int, Positive] = 8,
+    limit: Annotated[int | None, typer.Option(min=1, help="items per split (default: all)")] = None,
     save_predictions: bool = False,
 ) -> None:
     """Evaluate with the reference protocol (gIoU / cIoU; the paper's Table 2 / Table 3 layouts)."""
@@ -161,8 +177,8 @@ def cache(
     splits: Annotated[
         str, typer.Option(help="comma-separated splits, e.g. train,val,reason_seg/test")
     ] = "train,val",
-    shard_size: int = 256,
-    batch_size: int = 8,
+    shard_size: Annotated[int, Positive] = 256,
+    batch_size: Annotated[int, Positive] = 8,
 ) -> None:
     """Pre-compute layer-k MLLM features and SAM image embeddings (resumable)."""
 
@@ -179,7 +195,7 @@ def cache(
 def export_world(
     out: Annotated[Path, typer.Argument(help="directory to write {split}/<name>.jpg + .json into")],
     split: str = "test",
-    scenes: Annotated[int | None, typer.Option(help="number of scenes (default: whole split)")] = None,
+    scenes: Annotated[int | None, typer.Option(min=1, help="number of scenes (default: whole split)")] = None,
     seed: int = 0,
 ) -> None:
     """Export a synthetic-world split in ReasonSeg's on-disk format."""

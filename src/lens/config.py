@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lens.errors import InvalidConfig
+from lens.validation import check_field, field_hints
+
 T = TypeVar("T")
 
 
@@ -132,20 +135,29 @@ class LensConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LensConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:  # one line: where the YAML broke
+            raise InvalidConfig(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        if data is None:  # an empty file must not silently mean "paper defaults" (and a hub download)
+            raise InvalidConfig(f"{path} is empty; a LENS config needs at least one section")
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        return cls.from_dict(data)
+            raise InvalidConfig(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except InvalidConfig as err:
+            raise InvalidConfig(f"{path}: {err}") from None
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build a (nested) dataclass from a dict, naming any unknown key instead of silently dropping it."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+        raise InvalidConfig(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        raise InvalidConfig(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = field_hints(cls)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         default = (
@@ -154,8 +166,6 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         sub = default() if default is not None else None
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(type(sub), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+        else:  # type and range from the field's annotation (lens.validation), naming the field
+            kwargs[name] = check_field(cls, name, hints[name], value, f"{where}.{name}")
     return cls(**kwargs)

@@ -181,12 +181,16 @@ class LensModel(nn.Module):
     def predict(
         self, image: Image.Image | np.ndarray | EmbeddedImage, text: str | Sequence[str]
     ) -> Prediction | list[Prediction]:
-        """Segment what ``text`` asks for in ``image``. A list of texts shares one SAM image embedding."""
+        """Segment what ``text`` asks for in ``image``. A list of texts shares one SAM image embedding.
+
+        ``image``: anything ``lens.images.load_image`` accepts (PIL image, path, bytes, array, tensor);
+        bad images and queries raise ``lens.errors.InvalidInput`` naming the problem.
+        """
+        from lens.images import load_image, validate_queries
+
         embedded = image if isinstance(image, EmbeddedImage) else None  # interfaces stand-in
-        image = embedded.image if embedded is not None else image
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        texts = [text] if isinstance(text, str) else list(text)
+        image = embedded.image if embedded is not None else load_image(image)  # upright 8-bit RGB
+        texts = validate_queries([text] if isinstance(text, str | bytes) else list(text), self.backbone)
         if not texts:
             raise ValueError("predict() needs at least one text")
         was_training = self.training
@@ -217,4 +221,4 @@ class LensModel(nn.Module):
                     mask_logits=out.mask_logits[i].float().cpu().numpy(),
                 )
             )
-        return predictions[0] if isinstance(text, str) else predictions
+        return predictions[0] if isinstance(text, str | bytes) else predictions

@@ -64,6 +64,12 @@ def panel(images: list[Image.Image], titles: list[str], height: int = 256) -> Im
     return out
 
 
+def display_size(width: int, height: int, target_height: int) -> tuple[int, int]:
+    """(width, height) of an image scaled to ``target_height`` rows, never enlarged."""
+    scale = min(1.0, target_height / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def lens_figure(
     image: Image.Image,
     prediction: Prediction,
@@ -71,22 +77,36 @@ def lens_figure(
     truth: np.ndarray | None = None,
     height: int = 256,
 ) -> Image.Image:
-    """Query | attention map A_c with keypoints | predicted mask (| ground truth), like the paper's Fig. 3."""
-    # Draw A_c over the original image frame: look up every pixel centre's grid cell.
-    h, w = prediction.mask.shape
+    """Query | attention map A_c with keypoints | predicted mask (| ground truth), like the paper's Fig. 3.
+
+    Everything is drawn at display size (``height`` rows): an 8000 x 8000 photo costs a 256 x 256 figure,
+    not a full-resolution lookup of every pixel's grid cell.
+    """
+    w, h = display_size(image.width, image.height, height)
+    sx, sy = w / image.width, h / image.height
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    small = rgb if (w, h) == rgb.size else rgb.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    rows = np.minimum(((np.arange(h) + 0.5) / sy).astype(int), image.height - 1)  # nearest source row
+    cols = np.minimum(((np.arange(w) + 0.5) / sx).astype(int), image.width - 1)
+
+    def shrink(mask: np.ndarray) -> np.ndarray:  # (H, W) -> (h, w), nearest original pixel
+        return np.asarray(mask)[rows[:, None], cols[None, :]]
+
+    # A_c over the image frame: look up each display pixel centre's grid cell, in original-pixel coordinates.
     ys, xs = np.mgrid[0:h, 0:w]
-    centres = torch.tensor(np.stack([xs + 0.5, ys + 0.5], -1), dtype=torch.float32)  # (h, w, 2)
+    centres = torch.tensor(np.stack([(xs + 0.5) / sx, (ys + 0.5) / sy], -1), dtype=torch.float32)  # (h, w, 2)
     cells = prediction.geometry.image_to_grid(centres)
     gh, gw = prediction.attention_map.shape
     col = np.clip(np.round(cells[..., 0].numpy()).astype(int), 0, gw - 1)
     row = np.clip(np.round(cells[..., 1].numpy()).astype(int), 0, gh - 1)
     heat = attention_image(prediction.attention_map[row, col], (w, h))
-    blended = Image.blend(image.convert("RGB"), heat, 0.6)
-    attention = draw_keypoints(blended, prediction.keypoints, prediction.keypoints_inside)
-    images = [image, attention, overlay_mask(image, prediction.mask)]
+    blended = Image.blend(small, heat, 0.6)
+    points = np.asarray(prediction.keypoints, np.float64).reshape(-1, 2) * np.array([sx, sy])
+    attention = draw_keypoints(blended, points, prediction.keypoints_inside)
+    images = [small, attention, overlay_mask(small, shrink(prediction.mask) > 0)]
     titles = ["image", "A_c + keypoints", f"mask (score {prediction.score:.2f})"]
     if truth is not None:
-        images.append(overlay_mask(image, truth == 1, TRUTH_COLOUR))
+        images.append(overlay_mask(small, shrink(np.asarray(truth) == 1) > 0, TRUTH_COLOUR))
         titles.append("ground truth")
     figure = panel(images, titles, height)
     caption = Image.new("RGB", (figure.width, 18), "white")

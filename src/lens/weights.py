@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -28,6 +29,7 @@ from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
 from lens.config import BackboneConfig, LensConfig
 from lens.decoder import SamBridge, load_sam
+from lens.errors import InvalidCheckpoint
 from lens.model import LensModel
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,10 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")
-    state = load_file(str(file), device=str(model.device))
+    try:
+        state = load_file(str(file), device=str(model.device))
+    except (SafetensorError, OSError) as err:  # truncated, or not safetensors at all: name the file
+        raise InvalidCheckpoint(f"{file} is not a readable safetensors file ({err})") from None
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
 
 from lens.data.types import IGNORE_INDEX, Sample
+from lens.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,35 +33,32 @@ REQUIRED_KEYS = ("text", "is_sentence", "shapes")
 Subset = Literal["short", "long"]
 
 
-def _polygon(points: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
-    """Vertices truncated toward zero, as LISA's ``np.array(points, dtype=np.int32)`` does."""
+def _polygon(points: Sequence[Sequence[float]]) -> np.ndarray:
+    """(1, n, 2) int32 vertices truncated toward zero, as LISA's ``np.array([points], dtype=np.int32)``."""
     xy = np.asarray(points, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0:
         raise ValueError(f"points must be a non-empty list of [x, y], got shape {xy.shape}")
-    return [(int(x), int(y)) for x, y in xy.astype(np.int32)]
+    if not np.isfinite(xy).all():
+        raise ValueError("points must be finite numbers")
+    return np.array([xy], dtype=np.int32)
 
 
-def _draw(canvas: ImageDraw.ImageDraw, polygon: list[tuple[int, int]], value: int) -> None:
-    # PIL needs two vertices for a polygon; cv2 (LISA) draws a lone vertex as one pixel
-    if len(polygon) == 1:
-        canvas.point(polygon, fill=value)
-    else:
-        canvas.polygon(polygon, fill=value, outline=value)
+def _draw(canvas: np.ndarray, polygon: np.ndarray, value: int) -> None:
+    """LISA's two calls, in its order: a closed 1-pixel outline, then the filled interior (in place)."""
+    cv2.polylines(canvas, polygon, True, value, 1)
+    cv2.fillPoly(canvas, polygon, value)
 
 
 def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
     """(H, W) uint8 mask of LabelMe polygons: 1 target, ``IGNORE_INDEX`` for "ignore" labels, 0 elsewhere.
 
-    As LISA's ``get_mask_from_json``: "flag" shapes are skipped; polygons are drawn largest (in pixels)
-    first so that smaller ones, often ignore holes or targets inside ignore regions, overwrite them; on
-    equal area the earlier-listed shape is drawn last (a stable sort, reversed). ``shape_type`` is not
-    read: every shape is a polygon, as in LISA.
-
-    LISA rasterises with ``cv2.fillPoly`` plus a 1-pixel ``cv2.polylines`` on int32 vertices. cv2 is not
-    a dependency, so we use PIL's ``ImageDraw.polygon(fill=v, outline=v)`` on the same truncated vertices:
-    identical on axis-aligned edges (both boundaries inclusive), possibly a pixel off along slanted edges.
+    Exactly LISA's ``get_mask_from_json`` (tested pixel for pixel against it): "flag" shapes are skipped;
+    each polygon's area is its pixel count drawn alone; polygons are drawn in ``np.argsort(areas)[::-1]``
+    order (largest first, so smaller ones, often ignore holes or targets inside ignore regions, overwrite
+    them), each as ``cv2.polylines`` then ``cv2.fillPoly`` on int32-truncated vertices. ``shape_type`` is
+    not read: every shape is a polygon, as in LISA.
     """
-    polygons: list[tuple[list[tuple[int, int]], int]] = []  # (vertices, value)
+    polygons: list[tuple[np.ndarray, int]] = []  # (vertices, value)
     for i, shape in enumerate(shapes):
         if "label" not in shape or "points" not in shape:
             raise ValueError(f"shape {i} needs 'label' and 'points', has {sorted(shape)}")
@@ -75,16 +73,13 @@ def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> n
 
     areas = []
     for vertices, _ in polygons:
-        alone = Image.new("L", (width, height), 0)
-        _draw(ImageDraw.Draw(alone), vertices, TARGET_VALUE)
-        areas.append(int(np.count_nonzero(np.asarray(alone))))
-    order = sorted(range(len(polygons)), key=lambda j: (areas[j], j), reverse=True)
-
-    mask = Image.new("L", (width, height), 0)
-    canvas = ImageDraw.Draw(mask)
-    for j in order:
-        _draw(canvas, *polygons[j])
-    return np.array(mask, dtype=np.uint8)  # (H, W)
+        alone = np.zeros((height, width), dtype=np.uint8)
+        _draw(alone, vertices, TARGET_VALUE)
+        areas.append(alone.sum())
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for j in np.argsort(areas)[::-1] if polygons else []:  # LISA's order, ties included
+        _draw(mask, *polygons[j])
+    return mask  # (H, W)
 
 
 @dataclass
@@ -121,8 +116,7 @@ def read_annotation(path: str | Path) -> ReasonSegAnnotation:
 
 def load_rgb(path: Path) -> np.ndarray:
     """(H, W, 3) uint8, EXIF orientation applied (as LabelMe shows the image and cv2.imread loads it)."""
-    with Image.open(path) as img:
-        return np.array(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+    return np.array(load_image(path, max_pixels=None), dtype=np.uint8)
 
 
 class ReasonSegDataset(Sequence[Sample]):
