@@ -124,14 +124,20 @@ def main(
     scenes: Annotated[int, typer.Option(help="first test scenes, one 5-turn conversation each")] = 60,
     out: Annotated[Path | None, typer.Option(help="write the results as JSON here")] = None,
     threads: int = 1,
+    calibrate: Annotated[bool, typer.Option(help="contextual calibration of the label scores")] = True,
+    oracle: Annotated[bool, typer.Option(help="also run with oracle routing")] = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(threads)
     agent = LensAgent.from_pretrained(checkpoint, device="cpu")
     agent.max_new_tokens = 8
+    if not calibrate:
+        agent.router.prompt.content_free = None
     items = conversations(SyntheticWorld(seed=agent.pipeline.model.config.data.synthetic_seed or 0), scenes)
-    results = {"checkpoint": checkpoint, "scenes": scenes, "routed": run(agent, items, False)}
-    results["oracle"] = run(agent, items, True)
+    results = {"checkpoint": checkpoint, "scenes": scenes, "calibrated": calibrate}
+    results["routed"] = run(agent, items, False)
+    if oracle:
+        results["oracle"] = run(agent, items, True)
     text = json.dumps(results, indent=2)
     print(text)
     if out is not None:
