@@ -201,4 +201,4 @@ def test_cli_chat_and_segment(tmp_path, image):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.png").is_file() and '"query": "the hexagon"' in result.stdout
     result = runner.invoke(app, ["segment", str(tmp_path / "missing.png"), "x", "--device", "cpu"])
-    assert result.exit_code == 2 and "no image file" in result.output
+    assert result.exit_code == 2 and "no image at" in result.output

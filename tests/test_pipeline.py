@@ -166,7 +166,7 @@ def test_instruction_uses_the_training_templates():
     assert instruction("the red ring") == "What is the red ring in this image? Please output segmentation mask."
     assert instruction("which one has a hole?") == "which one has a hole? Please output segmentation mask."
     assert instruction("  keep me  ", raw=True) == "keep me"
-    with pytest.raises(InvalidInput, match="empty"):
+    with pytest.raises(InvalidInput, match="whitespace"):
         instruction("   ")
 
 

@@ -90,9 +90,9 @@ def test_segment_json_and_multipart_match_the_pipeline(url, pipe, scenes):
     ("payload", "status", "message"),
     [
         ({"image": "%%%", "queries": ["x"]}, 400, "base64"),
-        ({"image": b64(b"not an image"), "queries": ["x"]}, 400, "not an image"),
+        ({"image": b64(b"not an image"), "queries": ["x"]}, 400, "not a readable image"),
         ({"image": b64(png(np.zeros((300, 300, 3), np.uint8))), "queries": ["x"]}, 400, "pixel limit"),
-        ({"image": b64(png(np.zeros((32, 32, 3), np.uint8))), "queries": ["   "]}, 400, "empty query"),
+        ({"image": b64(png(np.zeros((32, 32, 3), np.uint8))), "queries": ["   "]}, 400, "whitespace"),
         ({"image": b64(png(np.zeros((32, 32, 3), np.uint8))), "queries": []}, 422, "queries"),
         ({"queries": ["x"]}, 422, "image"),
     ],

@@ -69,8 +69,11 @@ def segment(
         return
     if image is None or not queries:
         raise ValueError('usage: lens segment IMAGE "query" [...] (or --batch requests.jsonl)')
+    from lens.images import load_image
+
+    picture = load_image(image)  # a bad path or file fails before the models load
     pipe = _pipeline(checkpoint, device)
-    results = pipe(image, list(queries))
+    results = pipe(picture, list(queries))
     if out is not None:
         results[0].save_mask(out)
         logger.info("mask: %s", out)
