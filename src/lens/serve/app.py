@@ -175,6 +175,10 @@ def create_app(
     )
     async def segment(request: Request) -> dict[str, Any]:
         """Segment one image for one or more queries: RLE masks, presence, scores, boxes, keypoints."""
+        if queue.full():  # refuse before decoding anything: a full queue must answer fast
+            raise HTTPProblem(
+                503, f"busy: {queue.pending} requests pending; retry later", {"Retry-After": "1"}
+            )
         data, queries, attention = await _read_segment(request)
         if not queries:
             raise HTTPProblem(400, "no query given")

@@ -57,6 +57,9 @@ class SegmentQueue:
         if self._worker is not None:
             self._worker.cancel()
 
+    def full(self) -> bool:
+        return self.pending >= self.max_pending
+
     async def submit(self, image: Image.Image, queries: list[str]) -> list[Segmentation]:
         if self._queue is None:
             raise RuntimeError("SegmentQueue.start() was not called")
