@@ -31,9 +31,9 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 
 from lens.backbone import BackboneFeatures, LlavaBackbone
 from lens.config import LensConfig
-from lens.decoder import SamBridge
-from lens.geometry import ImageGeometry
-from lens.model import TRAINABLE_PREFIXES, LensInputs, LensModel
+from lens.decoders import SamDecoder
+from lens.geometry import GridFrame, ImageGeometry
+from lens.model import LensInputs, LensModel
 from lens.tiny import TEST_WORDS, build_llava
 from lens.weights import SpecBackbone, strip_frozen_encoders
 
@@ -83,17 +83,16 @@ def build(device: torch.device) -> tuple[LensModel, dict[str, int]]:
     config = LensConfig()
     with torch.device(device):
         sam = SamModel(sam_vit_h_config())
-        bridge = SamBridge(sam, SamProcessor(image_processor=SamImageProcessorPil()))
-        model = LensModel(config, SpecBackbone(spec, LAYER), bridge)
+        decoder = SamDecoder(sam, SamProcessor(image_processor=SamImageProcessorPil()))
+        model = LensModel(config, SpecBackbone(spec, LAYER), decoder)
     counts = {
         "mllm (frozen)": sum(p.numel() for p in llava.parameters()),
         "sam (all)": sum(p.numel() for p in sam.parameters()),
     }
-    for prefix in TRAINABLE_PREFIXES:
-        counts[f"trainable {prefix.rstrip('.')}"] = sum(
-            p.numel() for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad
-        )
-    counts["trainable total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = model.trainable_state_dict()
+    for part in ("head", "descriptor", "decoder"):
+        counts[f"trainable {part}"] = sum(v.numel() for k, v in trainable.items() if k.startswith(f"{part}."))
+    counts["trainable total"] = sum(v.numel() for v in trainable.values())
     return model, counts
 
 
@@ -102,20 +101,23 @@ def random_inputs(model: LensModel, batch: int, text_tokens: int, height: int, w
     spec, device = model.backbone.layer_spec(), model.device
     grid = 336 // 14
     length = PROMPT_PREFIX + grid * grid + text_tokens
-    image_span = torch.tensor([[PROMPT_PREFIX, PROMPT_PREFIX + grid * grid]] * batch, device=device)
+    image_positions = PROMPT_PREFIX + torch.arange(grid * grid, device=device).expand(batch, -1)
     text_span = torch.tensor([[PROMPT_PREFIX + grid * grid, length]] * batch, device=device)
     features = BackboneFeatures(
         hidden_states=torch.randn(batch, length, spec.hidden_size, device=device, dtype=torch.bfloat16),
         attention_mask=torch.ones(batch, length, dtype=torch.bool, device=device),
         position_ids=torch.arange(length, device=device).expand(batch, -1),
-        image_span=image_span,
+        image_positions=image_positions,
+        grid_sizes=torch.tensor([[grid, grid]] * batch, device=device),
         text_span=text_span,
         answer_index=text_span[:, 1] - 1,
-        grid_size=(grid, grid),
-        geometries=[ImageGeometry(width, height, grid, grid, 336, model.bridge.image_size)] * batch,
+        geometries=[
+            ImageGeometry(GridFrame.pad_to_square(width, height, grid), model.decoder.frame(width, height))
+        ]
+        * batch,
     )
-    side = model.bridge.image_size // 16  # SAM's embedding grid (64 for 1024 px input)
-    sam = torch.randn(batch, model.bridge.prompt_dim, side, side, device=device)
+    side = model.decoder.image_size // 16  # SAM's embedding grid (64 for 1024 px input)
+    sam = torch.randn(batch, model.decoder.prompt_dim, side, side, device=device)
     masks = [torch.zeros(height, width, dtype=torch.uint8, device=device) for _ in range(batch)]
     for m in masks:
         m[height // 4 : height // 2, width // 4 : width // 2] = 1

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lens.backbone import LlavaBackbone
 from lens.config import LensConfig
-from lens.decoder import SamBridge
+from lens.decoders import SamDecoder
 from lens.model import LensModel
 from lens.tiny import build_tiny_models
 
@@ -30,12 +30,10 @@ def make_lens(tiny_models, **overrides) -> LensModel:
     for key, value in overrides.items():
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
-    backbone = LlavaBackbone(
-        llava, llava_processor, layer=TINY_LAYER, sam_size=sam.config.prompt_encoder_config.image_size
-    )
-    bridge = SamBridge(sam, sam_processor, train_mask_decoder=config.decoder.train_mask_decoder)
+    backbone = LlavaBackbone(llava, llava_processor, layer=TINY_LAYER)
+    decoder = SamDecoder(sam, sam_processor, train_mask_decoder=config.decoder.train_mask_decoder)
     torch.manual_seed(0)
-    return LensModel(config, backbone, bridge)
+    return LensModel(config, backbone, decoder)
 
 
 @pytest.fixture

@@ -68,10 +68,12 @@ def test_spans_and_answer_index(backbone):
     tok = backbone.processor.tokenizer
     texts = ["segment the ring", "what is the colour of the red square in this image ?"]
     f = backbone.encode([random_image(20, 40), random_image(40, 20)], texts)
-    n_image = f.grid_size[0] * f.grid_size[1]
-    assert f.grid_size == (6, 6)
-    assert (f.image_span[:, 1] - f.image_span[:, 0] == n_image).all()
-    assert (f.text_span[:, 0] == f.image_span[:, 1]).all()
+    assert f.grid_sizes.tolist() == [[6, 6], [6, 6]]
+    image_token = backbone.model.config.image_token_id
+    ids = backbone._inputs([random_image(20, 40), random_image(40, 20)], texts)["input_ids"]
+    for b in range(2):  # every image token is a grid cell, row-major, and the text starts after the last one
+        assert torch.equal(f.image_positions[b], (ids[b] == image_token).nonzero()[:, 0])
+    assert (f.text_span[:, 0] == f.image_positions[:, -1] + 1).all()
     for b, text in enumerate(texts):
         n_real = int(f.attention_mask[b].sum())
         assert int(f.answer_index[b]) == n_real - 1

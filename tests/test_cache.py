@@ -78,7 +78,7 @@ def test_round_trip_gives_the_same_inputs_and_outputs(lens, dataset, tmp_path):
         }
         np.testing.assert_array_equal(a["mask"], b["mask"])
     # both rows of item 0 point at the one stored SAM embedding
-    assert torch.equal(rows[0]["sam_embedding"], rows[1]["sam_embedding"])
+    assert torch.equal(rows[0]["decoder_embedding"], rows[1]["decoder_embedding"])
 
     expected_inputs = lens_inputs(lens, raw)  # computed on the fly, padded over these five rows
     inputs = stack_cached(rows)
@@ -87,10 +87,10 @@ def test_round_trip_gives_the_same_inputs_and_outputs(lens, dataset, tmp_path):
     real = f.attention_mask
     assert torch.equal(g.attention_mask, real)
     torch.testing.assert_close(g.hidden_states[real], f.hidden_states[real], atol=1e-5, rtol=1e-5)
-    for name in ("position_ids", "image_span", "text_span", "answer_index"):
+    for name in ("position_ids", "image_positions", "grid_sizes", "text_span", "answer_index"):
         assert torch.equal(getattr(g, name), getattr(f, name)), name
-    assert g.geometries == f.geometries and g.grid_size == f.grid_size
-    torch.testing.assert_close(inputs.sam_embeddings, expected_inputs.sam_embeddings)
+    assert g.geometries == f.geometries
+    torch.testing.assert_close(inputs.decoder_embeddings, expected_inputs.decoder_embeddings)
     # item 0's two rows share their prompt start (template and image) in the head, as on the fly
     assert g.image_index.tolist() == f.image_index.tolist() == [0, 0, 1, 2, 3]
     assert 0 < f.shared_length <= g.shared_length <= int(g.text_span[:, 0].min())
@@ -121,11 +121,11 @@ def test_interrupted_build_resumes_without_recomputing_finished_shards(lens, dat
     encode = lens.backbone.encode
     calls: list[int] = []
 
-    def failing_encode(images, instructions):
+    def failing_encode(images, instructions, **kwargs):
         if len(calls) == 2:
             raise RuntimeError("interrupted")
         calls.append(len(images))
-        return encode(images, instructions)
+        return encode(images, instructions, **kwargs)
 
     monkeypatch.setattr(lens.backbone, "encode", failing_encode)
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -137,7 +137,9 @@ def test_interrupted_build_resumes_without_recomputing_finished_shards(lens, dat
 
     calls.clear()
     monkeypatch.setattr(
-        lens.backbone, "encode", lambda images, texts: calls.append(len(images)) or encode(images, texts)
+        lens.backbone,
+        "encode",
+        lambda images, texts, **kw: calls.append(len(images)) or encode(images, texts, **kw),
     )
     build_cache(lens, dataset, tmp_path / "cache", _key(lens), shard_size=1)
     assert calls == [1, 1]  # only items 2 and 3 (one row each) were encoded again
@@ -148,7 +150,7 @@ def test_interrupted_build_resumes_without_recomputing_finished_shards(lens, dat
     for i in range(len(fresh)):
         for a, b in zip(resumed.rows(i), fresh.rows(i), strict=True):
             assert torch.equal(a["hidden_states"], b["hidden_states"])
-            assert torch.equal(a["sam_embedding"], b["sam_embedding"])
+            assert torch.equal(a["decoder_embedding"], b["decoder_embedding"])
             assert a["instruction"] == b["instruction"]
 
 
@@ -165,7 +167,7 @@ def test_model_for_the_cache_has_the_same_trainable_parts_and_no_mllm(tiny_model
     assert backbone_spec(config.backbone) == full.backbone.layer_spec()  # from config.json alone
     lean = build_lens_for_cache(config)
     assert not any(
-        n.startswith(("backbone.", "bridge.sam.vision_encoder.")) for n, _ in lean.named_parameters()
+        n.startswith(("backbone.", "decoder.sam.vision_encoder.")) for n, _ in lean.named_parameters()
     )
     expected = {k: v.shape for k, v in full.trainable_state_dict().items()}
     assert {k: v.shape for k, v in lean.trainable_state_dict().items()} == expected

@@ -203,18 +203,86 @@ def test_subpixel_saddle_noise_and_borders_are_clipped_and_finite() -> None:
     assert torch.equal(delta[2, 1], torch.zeros(2))
 
 
-def test_subpixel_border_replicates_edge_values() -> None:
-    # A unit spike in the top-right corner (x=8, y=0). Border padding repeats it outside the grid, so
-    # v0 = v1 = v4 = v8 = 1, all other samples 0: g = (1/2, -1/2), H = [[-1, -1/4], [-1/4, -1]],
-    # and -H^-1 g = (2/3, -2/3). Zero padding would instead see an isolated spike and give delta = 0.
+@pytest.mark.parametrize(
+    ("x0", "y0"),
+    [(0.2, 4.6), (-0.3, 5.1), (12.3, 3.4), (11.8, 9.8), (6.4, 0.3), (5.7, -0.2), (0.3, 0.2), (11.6, 10.3)],
+)
+def test_subpixel_recovers_quadratic_peaks_on_border_cells(x0: float, y0: float) -> None:
+    """Peaks on the outer cells (edges and corners): one-sided differences are exact for a quadratic, so the step
+    lands on the analytic peak. Replicating the edge value instead moves every border peak by -0.5 cells
+    (x0 = 0.2 came out at -0.43), whatever the data."""
+    xs, ys = coordinate_grid(11, 13, torch.float64)
+    a, b, c = 0.7, 0.5, 0.2  # c^2 < 4ab: a concave peak
+    heatmaps = (-a * (xs - x0) ** 2 - b * (ys - y0) ** 2 - c * (xs - x0) * (ys - y0))[None]
+    start = grid_max_points(heatmaps)
+    assert start[0, 0, 0] in (0, 12) or start[0, 0, 1] in (0, 10)  # precondition: a border cell
+    refined = refine_subpixel(heatmaps, start)
+    torch.testing.assert_close(
+        refined[0, 0], torch.tensor([x0, y0], dtype=torch.float64), atol=1e-5, rtol=0
+    )  # eps = 1e-6 shifts it ~1e-7
+
+
+def test_subpixel_uses_only_the_given_cells() -> None:
+    """A padded map (a batch mixing grid sizes): cells outside the image's own 7 x 9 grid hold garbage, and the
+    peak on that grid's border is still found exactly."""
+    xs, ys = coordinate_grid(11, 13, torch.float64)
+    heatmaps = (-0.6 * (xs - 8.3) ** 2 - 0.4 * (ys - 3.2) ** 2)[None].clone()
+    cells = torch.zeros(1, 11, 13, dtype=torch.bool)
+    cells[:, :7, :9] = True
+    heatmaps[~cells] = (
+        50.0 * torch.rand(int((~cells).sum()), generator=torch.Generator().manual_seed(0)).double()
+    )
+    refined = refine_subpixel(heatmaps, torch.tensor([[[8.0, 3.0]]], dtype=torch.float64), cells=cells)
+    torch.testing.assert_close(
+        refined[0, 0], torch.tensor([8.3, 3.2], dtype=torch.float64), atol=1e-5, rtol=0
+    )  # eps = 1e-6 shifts it ~1e-7
+
+
+def test_subpixel_border_without_a_concave_fit_takes_no_step() -> None:
+    # A lone spike in the corner: the one-sided fits along both axes are convex (0 - 2 * 0 + 0 < 1 fails), so there
+    # is no peak to move to and the keypoint stays on its cell.
     heatmaps = torch.zeros(1, 9, 9, dtype=torch.float64)
     heatmaps[0, 0, 8] = 1.0
-    delta = refine_subpixel(heatmaps, torch.tensor([[[8.0, 0.0]]], dtype=torch.float64)) - torch.tensor(
-        [8.0, 0.0]
-    )
-    torch.testing.assert_close(
-        delta[0, 0], torch.tensor([2 / 3, -2 / 3], dtype=torch.float64), atol=1e-5, rtol=0
-    )
+    point = torch.tensor([[[8.0, 0.0]]], dtype=torch.float64)
+    assert torch.equal(refine_subpixel(heatmaps, point), point)
+
+
+def test_nms_never_picks_excluded_cells() -> None:
+    """Cells outside ``cells`` (the MLLM's padding, a smaller image's part of a padded batch) are never keypoints,
+    however high their response."""
+    gen = torch.Generator().manual_seed(1)
+    heatmaps = torch.rand(4, 8, 10, generator=gen)
+    cells = torch.rand(4, 8, 10, generator=gen) > 0.6
+    heatmaps[~cells] += 10.0
+    points, valid = nms(heatmaps, radius=1.0, max_points=30, cells=cells)
+    cols, rows = points[..., 0].long(), points[..., 1].long()
+    picked = cells[torch.arange(4)[:, None], rows, cols]
+    assert valid.any() and picked[valid].all()
+    assert (valid.sum(1) <= cells.flatten(1).sum(1)).all()
+
+
+def test_sampling_under_bf16_uses_float32_locations() -> None:
+    """bf16 features are sampled at float32 locations: the same as sampling their float32 copy, then rounding.
+    A bf16 sampling grid moves locations by up to ~0.1 cells on a 24-cell map."""
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 8, 24, 24, generator=gen).to(torch.bfloat16)
+    points = torch.rand(2, 16, 2, generator=gen) * 23
+    got = sample_neighbourhood(features, points, size=3)
+    assert got.dtype == torch.bfloat16
+    expected = sample_neighbourhood(features.float(), points, size=3).to(torch.bfloat16)
+    assert torch.equal(got, expected)
+
+
+def test_sample_neighbourhood_clamps_to_each_images_own_grid() -> None:
+    """On a padded map, a neighbourhood reaching past an image's own grid takes that grid's border values, never
+    the padding: equal to sampling the image's own map alone."""
+    gen = torch.Generator().manual_seed(3)
+    own = torch.randn(1, 4, 5, 6, generator=gen, dtype=torch.float64)
+    padded = torch.full((1, 4, 9, 9), 1e6, dtype=torch.float64)
+    padded[..., :5, :6] = own
+    points = torch.tensor([[[5.0, 4.0], [0.0, 0.0], [5.4, 2.2]]], dtype=torch.float64)
+    got = sample_neighbourhood(padded, points, size=3, grid_sizes=torch.tensor([[5, 6]]))
+    torch.testing.assert_close(got, sample_neighbourhood(own, points, size=3), rtol=0, atol=0)
 
 
 def test_subpixel_ill_conditioned_uses_diagonal_fallback() -> None:

@@ -115,7 +115,7 @@ def test_shipped_calibration_is_loaded_and_recorded():
 
 
 def _mask_result(mask: np.ndarray) -> Segmentation:
-    from lens.geometry import ImageGeometry
+    from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
 
     h, w = mask.shape
     return Segmentation(
@@ -127,7 +127,7 @@ def _mask_result(mask: np.ndarray) -> Segmentation:
         keypoints=np.array([[2.5, 1.5], [0.5, 0.5]]),
         keypoints_inside=np.array([True, False]),
         attention_map=np.eye(4),
-        geometry=ImageGeometry(width=w, height=h, grid_h=4, grid_w=4, mllm_size=8, sam_size=16),
+        geometry=ImageGeometry(GridFrame.pad_to_square(w, h, 4), DecoderFrame.longest_side(w, h, 16)),
         image=Image.new("RGB", (w, h), "white"),
     )
 

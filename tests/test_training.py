@@ -25,7 +25,6 @@ from lens.data.mixing import MixtureSampler
 from lens.data.synthetic import SyntheticWorld
 from lens.data.templates import format_question
 from lens.evaluation import EvalSplit
-from lens.model import TRAINABLE_PREFIXES
 from lens.tiny import build_tiny_models
 from lens.training import FINAL, LOG_NAME, LoopOptions, TrainData, build_train_data, train
 from lens.weights import WEIGHTS_NAME, save_lens_weights, strip_frozen_encoders
@@ -100,7 +99,7 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     # checkpoints hold the trainable tensors only
     checkpoint = latest_checkpoint(tmp_path / "cut")
     saved = load_file(checkpoint / "model.safetensors")
-    assert saved.keys() == initial.keys() and all(k.startswith(TRAINABLE_PREFIXES) for k in saved)
+    assert saved.keys() == initial.keys()
     assert (checkpoint / LENS_SUBDIR / WEIGHTS_NAME).is_file()
     assert [p.name for p in (tmp_path / "cut" / CHECKPOINTS).glob("step_*")] == [checkpoint.name]  # keep=1
 

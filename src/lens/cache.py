@@ -4,12 +4,15 @@ A cache is one folder per (dataset, split): ``manifest.json`` plus ``shard_00000
 holds the items ``[s * shard_size, (s + 1) * shard_size)`` of the dataset (rows drawn at epoch 0), with
 per-row *unpadded* tensors concatenated along their first axis and offsets to cut them apart::
 
-    hidden (T, d)  position_ids (T,)  token_offsets (R + 1,)    # real tokens of layer k, rows back to back
-    image_span (R, 2)  text_span (R, 2)  answer_index (R,)       # per row, in the row's own token frame
-    sam (I, d_s, h, w)  row_image (R,)                           # one SAM embedding per image, shared by its rows
+    hidden (T, d)  position_ids (T,) or (T, 3)  token_offsets (R + 1,)  # real tokens of layer k, rows back to back
+    grid_sizes (R, 2)  image_positions (C,)      # per row its grid (gh, gw) and the gh * gw cells' token indices
+    text_span (R, 2)  answer_index (R,)          # per row, in the row's own token frame
+    decoder_0 (I, ...)  [decoder_1 ...]  row_image (R,)  # the decoder's embedding(s) per image, shared by its rows
     masks (P,) uint8  mask_offsets (R + 1,)  item_rows (n + 1,)  # flattened targets; rows of each item
 
-plus the rows' text and geometry as JSON in the safetensors metadata. Shards are written atomically
+plus the rows' text and geometry (``ImageGeometry.to_dict``: grid and decoder frames) as JSON in the safetensors
+metadata. The decoder's embeddings are opaque: one tensor (SAM) or several (SAM 2), stored as ``decoder_j``.
+Shards are written atomically
 (temporary file + rename), so an interrupted build resumes at the first missing shard. The manifest carries a
 ``CacheKey``; a cache is only ever read with the key it was built with.
 
@@ -46,7 +49,7 @@ from lens.model import LensInputs, LensModel
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-row grids and image positions, decoder embeddings as decoder_j, geometry frames
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
 META_FIELDS = ("instruction", "query", "name", "source", "is_sentence", "kind", "held_out", "index", "part")
@@ -66,6 +69,7 @@ class CacheKey:
     dataset: str
     split: str
     scenes: int | None = None  # a synthetic evaluation split's scene count (data.synthetic_eval_scenes)
+    decoder: str = "sam"  # DecoderConfig.name: whose image embeddings the cache holds
 
     @classmethod
     def from_config(
@@ -75,7 +79,17 @@ class CacheKey:
         template = prompt_template_id(train, seed)
         scenes = config.data.synthetic_eval_scenes if dataset == SYNTHETIC and not train else None
         return cls(
-            b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split, scenes
+            b.model_id,
+            b.revision,
+            b.layer,
+            b.dtype,
+            d.model_id,
+            d.revision,
+            template,
+            dataset,
+            split,
+            scenes,
+            d.name,
         )
 
     def check(self, found: dict[str, Any], where: str | Path) -> None:
@@ -131,30 +145,39 @@ def _encode_shard(
     rows = [row for item in items for row in item]
     item_rows = np.cumsum([0] + [len(item) for item in items])
     first_rows = [item[0] for item in items if item]
-    sam = [model.bridge.embed_images([r["image"] for r in first_rows[i : i + batch_size]]).cpu()
-           for i in range(0, len(first_rows), batch_size)]  # fmt: skip
+    embedded = [_as_tuple(model.decoder.embed_images([r["image"] for r in first_rows[i : i + batch_size]]))
+                for i in range(0, len(first_rows), batch_size)]  # fmt: skip
     row_image = [k for k, item in enumerate(it for it in items if it) for _ in item]
-    hidden, positions, spans, lengths, geometries = [], [], [], [], []
+    hidden, positions, spans, lengths, geometries, cells = [], [], [], [], [], []
     for batch in _item_batches(items, batch_size):
-        f = model.backbone.encode([r["image"] for r in batch], [r["instruction"] for r in batch])
+        f = model.backbone.encode(
+            [r["image"] for r in batch], [r["instruction"] for r in batch], decoder_frame=model.decoder.frame
+        )
         for i in range(len(batch)):
             n = int(f.attention_mask[i].sum())
             if not f.attention_mask[i, :n].all():
                 raise ValueError("the cache expects right padding (real tokens first)")
             hidden.append(f.hidden_states[i, :n].cpu())
-            positions.append(f.position_ids[i, :n].cpu())
-            spans.append((f.image_span[i].cpu(), f.text_span[i].cpu(), f.answer_index[i].cpu()))
+            row_positions = f.position_ids[:, i, :n].T if f.position_ids.dim() == 3 else f.position_ids[i, :n]
+            positions.append(row_positions.cpu())  # (n,) or (n, 3)
+            gh, gw = (int(x) for x in f.grid_sizes[i])
+            cells.append(f.image_positions[i, : gh * gw].cpu())
+            spans.append((f.grid_sizes[i].cpu(), f.text_span[i].cpu(), f.answer_index[i].cpu()))
             lengths.append(n)
-        geometries += [dataclasses.asdict(g) for g in f.geometries]
+        geometries += [g.to_dict() for g in f.geometries]
     masks = [np.asarray(r["mask"], np.uint8).reshape(-1) for r in rows]
     tensors = {
         "hidden": torch.cat(hidden) if hidden else torch.zeros(0, 0),
         "position_ids": torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
         "token_offsets": torch.tensor(np.cumsum([0, *lengths])),
-        "image_span": torch.stack([s[0] for s in spans]) if spans else torch.zeros(0, 2, dtype=torch.long),
+        "grid_sizes": torch.stack([s[0] for s in spans]) if spans else torch.zeros(0, 2, dtype=torch.long),
+        "image_positions": torch.cat(cells) if cells else torch.zeros(0, dtype=torch.long),
         "text_span": torch.stack([s[1] for s in spans]) if spans else torch.zeros(0, 2, dtype=torch.long),
         "answer_index": torch.stack([s[2] for s in spans]) if spans else torch.zeros(0, dtype=torch.long),
-        "sam": torch.cat(sam) if sam else torch.zeros(0),
+        **{
+            f"decoder_{j}": torch.cat([e[j].cpu() for e in embedded])
+            for j in range(len(embedded[0]) if embedded else 0)
+        },
         "row_image": torch.tensor(row_image, dtype=torch.long),
         "masks": torch.from_numpy(np.concatenate(masks)) if masks else torch.zeros(0, dtype=torch.uint8),
         "mask_offsets": torch.tensor(np.cumsum([0] + [m.size for m in masks])),
@@ -269,23 +292,31 @@ class CachedDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for the {len(self)} items of {self.directory}")
         handle, meta, item_rows = self._shard(index // self.shard_size)
+        names = [k for k in handle.keys() if k.startswith("decoder_")]  # noqa: SIM118 (not a dict)
+        decoder_keys = sorted(names, key=lambda k: int(k.removeprefix("decoder_")))
+        cell_counts = handle.get_tensor("grid_sizes").prod(1)  # (R,) cells of each row's grid
         local = index % self.shard_size
         out = []
         for r in range(int(item_rows[local]), int(item_rows[local + 1])):
             t0, t1 = (int(x) for x in handle.get_slice("token_offsets")[r : r + 2])
             m0, m1 = (int(x) for x in handle.get_slice("mask_offsets")[r : r + 2])
-            geometry = ImageGeometry(**meta[r]["geometry"])
+            geometry = ImageGeometry.from_dict(meta[r]["geometry"])
             image = int(handle.get_slice("row_image")[r : r + 1][0])
+            grid = handle.get_slice("grid_sizes")[r : r + 1][0]  # (2,)
+            c0 = int(cell_counts[:r].sum())
+            positions = handle.get_slice("position_ids")[t0:t1]
+            embedding = tuple(handle.get_slice(k)[image : image + 1][0] for k in decoder_keys)
             out.append(
                 {
                     **{k: meta[r][k] for k in META_FIELDS if k in meta[r]},  # older caches lack held_out
                     "image_id": (str(self.directory), index // self.shard_size, image),
                     "hidden_states": handle.get_slice("hidden")[t0:t1],  # (L_i, d)
-                    "position_ids": handle.get_slice("position_ids")[t0:t1],  # (L_i,)
-                    "image_span": handle.get_slice("image_span")[r : r + 1][0],  # (2,)
+                    "position_ids": positions.T if positions.dim() == 2 else positions,  # (L_i,) or (3, L_i)
+                    "grid_size": grid,  # (2,) (gh, gw)
+                    "image_positions": handle.get_slice("image_positions")[c0 : c0 + int(cell_counts[r])],
                     "text_span": handle.get_slice("text_span")[r : r + 1][0],  # (2,)
                     "answer_index": handle.get_slice("answer_index")[r : r + 1][0],
-                    "sam_embedding": handle.get_slice("sam")[image : image + 1][0],  # (d_s, h, w)
+                    "decoder_embedding": embedding[0] if len(embedding) == 1 else embedding,
                     "geometry": geometry,
                     "mask": handle.get_slice("masks")[m0:m1].numpy().reshape(geometry.height, geometry.width),
                 }
@@ -296,7 +327,7 @@ class CachedDataset:
 def _shared_prefix(
     rows: list[Row],
     hidden: Tensor,  # (B, L, d)
-    positions: Tensor,  # (B, L)
+    positions: Tensor,  # (B, L) or (3, B, L)
     attention_mask: Tensor,  # (B, L)
 ) -> tuple[Tensor | None, int]:
     """Which stored image each row shows, and P: how many first tokens every row shares with the first row
@@ -312,7 +343,8 @@ def _shared_prefix(
     if len(ids) == len(rows):
         return image_index, 0
     lead = torch.tensor(first_of_each(image_index))[image_index]  # (B,) first row of each row's image
-    same = (hidden == hidden[lead]).all(-1) & (positions == positions[lead])  # (B, L)
+    same_positions = (positions == positions[..., lead, :]).reshape(-1, *hidden.shape[:2]).all(0)  # (B, L)
+    same = (hidden == hidden[lead]).all(-1) & same_positions
     text_start = torch.stack([r["text_span"] for r in rows])[:, 0]
     return image_index, shared_prefix_length(same, attention_mask, text_start)
 
@@ -323,38 +355,54 @@ def stack_cached(rows: list[Row]) -> LensInputs:
     d = rows[0]["hidden_states"].shape[1]
     hidden = rows[0]["hidden_states"].new_zeros(len(rows), length, d)  # (B, L, d)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
-    positions = torch.zeros(len(rows), length, dtype=torch.long)  # (B, L)
+    lead = rows[0]["position_ids"].shape[:-1]  # () for 1-D RoPE, (3,) for the mrope kinds
+    positions = torch.zeros(*lead, len(rows), length, dtype=torch.long)  # (B, L) or (3, B, L)
+    cells = max(r["image_positions"].shape[0] for r in rows)
+    image_positions = torch.full((len(rows), cells), -1, dtype=torch.long)  # (B, N)
     for i, r in enumerate(rows):
         n = r["hidden_states"].shape[0]
-        hidden[i, :n], attention_mask[i, :n], positions[i, :n] = r["hidden_states"], True, r["position_ids"]
-        positions[i, n:] = positions[i, n - 1] + 1 + torch.arange(length - n)  # pads continue the count
-    g = rows[0]["geometry"]
+        hidden[i, :n], attention_mask[i, :n], positions[..., i, :n] = (
+            r["hidden_states"],
+            True,
+            r["position_ids"],
+        )
+        pad = r["position_ids"][..., n - 1 :] + 1 + torch.arange(length - n)  # pads continue the count
+        positions[..., i, n:] = pad
+        image_positions[i, : r["image_positions"].shape[0]] = r["image_positions"]
     image_index, shared = _shared_prefix(rows, hidden, positions, attention_mask)
     features = BackboneFeatures(
         hidden_states=hidden,
         attention_mask=attention_mask,
         position_ids=positions,
-        image_span=torch.stack([r["image_span"] for r in rows]),
+        image_positions=image_positions,
+        grid_sizes=torch.stack([r["grid_size"] for r in rows]),
         text_span=torch.stack([r["text_span"] for r in rows]),
         answer_index=torch.stack([r["answer_index"] for r in rows]),
-        grid_size=(g.grid_h, g.grid_w),
         geometries=[r["geometry"] for r in rows],
         image_index=image_index,
         shared_length=shared,
     )
-    sam = torch.stack([r["sam_embedding"] for r in rows])  # (B, d_s, h, w)
-    return LensInputs(features, sam, [torch.from_numpy(np.asarray(r["mask"], np.uint8)) for r in rows])
+    embeddings = [r["decoder_embedding"] for r in rows]
+    if isinstance(embeddings[0], Tensor):
+        stacked = torch.stack(embeddings)  # (B, ...)
+    else:
+        stacked = tuple(torch.stack(parts) for parts in zip(*embeddings, strict=True))
+    return LensInputs(features, stacked, [torch.from_numpy(np.asarray(r["mask"], np.uint8)) for r in rows])
 
 
 def lens_inputs(model: LensModel, rows: list[Row]) -> LensInputs:
     """The model's inputs for a list of rows: from the cache when the rows carry features, else computed.
 
-    SAM embeddings are cast to the mask decoder's dtype (DeepSpeed bf16 casts the modules, not the inputs).
+    Decoder embeddings are cast to the decoder's dtype (DeepSpeed bf16 casts the modules, not the inputs).
     """
     if "hidden_states" in rows[0]:
         inputs = stack_cached(rows)
     else:
         images, texts = [r["image"] for r in rows], [r["instruction"] for r in rows]
         inputs = model.prepare(images, texts, [r["mask"] for r in rows])
-    inputs.sam_embeddings = inputs.sam_embeddings.to(next(model.bridge.sam.mask_decoder.parameters()).dtype)
+    inputs.decoder_embeddings = model.decoder.move(inputs.decoder_embeddings, dtype=model.decoder.dtype)
     return inputs
+
+
+def _as_tuple(embeddings: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (embeddings,) if isinstance(embeddings, Tensor) else tuple(embeddings)

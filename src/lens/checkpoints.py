@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from lens.data.loader import MixtureBatchSampler
-from lens.model import TRAINABLE_PREFIXES, LensModel
+from lens.model import LensModel
 from lens.weights import load_lens_weights, save_lens_weights
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def keep_trainable(models: list, weights: list[dict[str, torch.Tensor]], _directory: str) -> None:
     """Accelerate save hook: checkpoint the trainable tensors only (the frozen MLLM is referenced by id)."""
-    for state in weights:
-        for name in [n for n in state if not n.removeprefix("module.").startswith(TRAINABLE_PREFIXES)]:
+    for model, state in zip(models, weights, strict=True):
+        trainable = set(getattr(model, "module", model).trainable_names())
+        for name in [n for n in state if n.removeprefix("module.") not in trainable]:
             del state[name]
 
 

@@ -57,8 +57,9 @@ class DescriptorConfig:
 
 @dataclass
 class DecoderConfig:
-    """The SAM bridge (paper §3.3)."""
+    """The mask decoder (paper §3.3)."""
 
+    name: str = "sam"  # key in lens.decoders.DECODERS; a checkpoint only loads into the decoder it names
     model_id: str = "facebook/sam-vit-huge"  # hub id or local directory
     revision: str | None = None
     train_mask_decoder: bool = True  # SAM's image encoder and prompt encoder always stay frozen

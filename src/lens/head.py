@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from lens.backbone.base import LayerSpec, first_of_each, span_mask
+from lens.backbone.base import LayerSpec, RopeSpec, first_of_each, span_mask
+from lens.geometry import to_padded_grid
 
 KV = tuple[Tensor, Tensor]  # rotated keys and values (B, kv_heads, tokens, head_dim)
 
@@ -32,12 +33,42 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Llama's default RoPE tables for the given positions: cos, sin of shape (B, 1, L, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
-    freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim / 2)
+def rotary(position_ids: Tensor, head_dim: int, rope: RopeSpec, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (B, 1, L, head_dim) of the backbone's RoPE kind for its own position ids.
+
+    ``position_ids``: (B, L) for ``"default"`` (Llama); (3, B, L) temporal / height / width ids for the
+    multimodal kinds, where each rotary frequency pair reads one of the three ids: ``"mrope"`` (Qwen2/2.5-VL)
+    gives the first ``sections[0]`` pairs to t, the next ``sections[1]`` to h, the rest to w;
+    ``"mrope_interleaved"`` (Qwen3-VL) cycles t, h, w over the pairs, t filling the tail.
+    """
+    inv_freq = 1.0 / rope.theta ** (
+        torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim
+    )
+    if rope.kind == "default":
+        if position_ids.dim() != 2:
+            raise ValueError(f"default RoPE takes (B, L) position ids, got {tuple(position_ids.shape)}")
+        freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim / 2)
+    else:
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError(f"{rope.kind} takes (3, B, L) position ids, got {tuple(position_ids.shape)}")
+        freqs = _mrope_frequencies(position_ids[..., None].float() * inv_freq, rope)  # (B, L, head_dim / 2)
     angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _mrope_frequencies(freqs: Tensor, rope: RopeSpec) -> Tensor:
+    """(3, B, L, pairs) per-axis angles -> (B, L, pairs): which axis each frequency pair rotates with."""
+    sections = rope.sections
+    if sum(sections) != freqs.shape[-1]:
+        raise ValueError(f"rope sections {sections} must sum to head_dim / 2 = {freqs.shape[-1]}")
+    pair = torch.arange(freqs.shape[-1], device=freqs.device)
+    if rope.kind == "mrope":  # contiguous blocks t | h | w
+        axis = torch.bucketize(pair, torch.tensor(sections, device=freqs.device).cumsum(0), right=True)
+    else:  # "mrope_interleaved": pair j reads axis j % 3 while that axis has pairs left, else t
+        axis = pair % 3
+        axis = torch.where((axis == 1) & (pair >= 3 * sections[1]), 0, axis)
+        axis = torch.where((axis == 2) & (pair >= 3 * sections[2]), 0, axis)
+    return freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -52,10 +83,13 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         d, hd = spec.hidden_size, spec.head_dim
-        self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.attention_bias)
+        self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.q_bias)
+        self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.k_bias)
+        self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.v_bias)
+        self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.o_bias)
+        if spec.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, need_probs: bool, past: KV | None = None
@@ -69,6 +103,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, L, s.num_heads, s.head_dim).transpose(1, 2)  # (B, h, L, hd)
         k = self.k_proj(x).view(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, L, hd)
         v = self.v_proj(x).view(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         own = (k, v)
@@ -124,8 +160,8 @@ class HeadLayer(nn.Module):
 @dataclass
 class HeadOutput:
     hidden_states: Tensor  # (B, L, d) H²_out: layer-2 features of every token
-    attention_map: Tensor  # (B, gh, gw) A_c: mean text→image attention (eq. 1), supervised by eq. 5
-    attention_scores: Tensor  # (B, gh, gw) n_img · A_c: 1 where a cell holds its uniform share (keypoints)
+    attention_map: Tensor  # (B, gh_max, gw_max) A_c: mean text→image attention (eq. 1), supervised by eq. 5
+    attention_scores: Tensor  # (B, gh_max, gw_max) n_img · A_c: 1 where a cell holds its uniform share
 
 
 def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -138,16 +174,18 @@ def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     )[:, None]
 
 
-def text_to_image_attention(probs: Tensor, image_span: Tensor, text_mask: Tensor, n_image: int) -> Tensor:
-    """Average of A¹[text rows, image columns] over heads and text tokens: (B, h, Lq, L) -> (B, n_image).
+def text_to_image_attention(probs: Tensor, image_positions: Tensor, text_mask: Tensor) -> Tensor:
+    """Average of A¹[text rows, image-cell columns] over heads and text tokens: (B, h, Lq, L) -> (B, N).
 
     The Lq rows may be the last rows of the prompt only (``text_mask``: (B, Lq)); columns are all L tokens.
+    ``image_positions`` (B, N) names the column of each grid cell; cells at -1 (beyond the image's grid) get 0.
     """
     mean_heads = probs.float().mean(1)  # (B, Lq, L)
-    cols = image_span[:, :1] + torch.arange(n_image, device=probs.device)  # (B, n_image)
-    to_image = mean_heads.gather(2, cols[:, None, :].expand(-1, mean_heads.shape[1], -1))  # (B, Lq, n_image)
+    cols = image_positions.clamp(min=0)  # (B, N)
+    to_image = mean_heads.gather(2, cols[:, None, :].expand(-1, mean_heads.shape[1], -1))  # (B, Lq, N)
     weights = text_mask.float()  # (B, Lq)
-    return (to_image * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    a_c = (to_image * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(image_positions >= 0, a_c, torch.zeros_like(a_c))
 
 
 class SegmentationHead(nn.Module):
@@ -172,18 +210,20 @@ class SegmentationHead(nn.Module):
         self,
         hidden_states: Tensor,  # (B, L, d) backbone layer-k output
         attention_mask: Tensor,  # (B, L) bool
-        position_ids: Tensor,  # (B, L)
-        image_span: Tensor,  # (B, 2)
+        position_ids: Tensor,  # (B, L) or (3, B, L) for the mrope kinds
+        image_positions: Tensor,  # (B, N) sequence index of each grid cell's token, -1 beyond the image's grid
+        grid_sizes: Tensor,  # (B, 2) (gh_i, gw_i)
         text_span: Tensor,  # (B, 2)
-        grid_size: tuple[int, int],
         image_index: Tensor | None = None,  # (B,) which distinct image each prompt shows
         shared_length: int = 0,  # P: prompts showing the same image agree on their first P tokens
     ) -> HeadOutput:
         """With ``image_index`` and P > 0, the shared first P tokens (template and image, no text token) run
-        once per distinct image and the rest of each prompt attends to them: the same result, fewer rows."""
+        once per distinct image and the rest of each prompt attends to them: the same result, fewer rows.
+
+        A_c comes out on the batch's padded grid (B, gh_max, gw_max), zero outside each image's own grid."""
         x = hidden_states.to(self.layers[0].input_layernorm.weight.dtype)
         mask = causal_mask(attention_mask, x.dtype)  # (B, 1, L, L)
-        rope = rotary(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)  # (B, 1, L, hd) x2
+        rope = rotary(position_ids, self.spec.head_dim, self.spec.rope, x.dtype)  # (B, 1, L, hd) x2
         P = shared_length if image_index is not None else 0
         if P > 0:
             index = image_index.to(x.device)
@@ -203,7 +243,9 @@ class SegmentationHead(nn.Module):
         if P > 0:
             x = torch.cat([shared[index], x], 1)  # (B, L, d)
 
-        gh, gw = grid_size
         text_mask = span_mask(text_span, x.shape[1])[:, P:]  # (B, L - P): every text row is after P
-        a_c = text_to_image_attention(probs, image_span, text_mask, gh * gw).view(-1, gh, gw)  # eq. 1
-        return HeadOutput(hidden_states=x, attention_map=a_c, attention_scores=a_c * (gh * gw))
+        a_c = text_to_image_attention(probs, image_positions, text_mask)  # (B, N) eq. 1
+        gh, gw = int(grid_sizes[:, 0].max()), int(grid_sizes[:, 1].max())
+        a_c = to_padded_grid(a_c, grid_sizes, gh, gw)  # (B, gh_max, gw_max)
+        n_image = (grid_sizes[:, 0] * grid_sizes[:, 1]).to(a_c.dtype)[:, None, None]  # (B, 1, 1)
+        return HeadOutput(hidden_states=x, attention_map=a_c, attention_scores=a_c * n_image)

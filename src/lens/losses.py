@@ -35,14 +35,18 @@ def mask_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits[valid].float(), (target[valid] == 1).float())
 
 
-def attention_loss(attention_map: Tensor, target: Tensor) -> Tensor:
-    """Eq. (5): mean BCE between A_c (B, gh, gw) in [0, 1] and the mask's per-cell coverage (B, gh, gw).
+def attention_loss(attention_map: Tensor, target: Tensor, cells: Tensor | None = None) -> Tensor:
+    """Eq. (5): mean BCE between A_c (B, gh, gw) in [0, 1] and the mask's per-cell coverage (B, gh, gw), over
+    the ``cells`` (B, gh, gw) bool of each image's own grid (all cells when None; the padding of a batch that
+    mixes grid sizes is excluded, the MLLM's own padding cells count, as background).
 
     A_c is a probability, not a logit, so this is plain BCE, which autocast refuses to run in low precision:
     it is computed in float32 with autocast off (bf16 training on GPU would otherwise stop here).
     """
     with torch.autocast(attention_map.device.type, enabled=False):
-        return F.binary_cross_entropy(attention_map.float(), target.float().clamp(0, 1))
+        if cells is None:
+            return F.binary_cross_entropy(attention_map.float(), target.float().clamp(0, 1))
+        return F.binary_cross_entropy(attention_map.float()[cells], target.float().clamp(0, 1)[cells])
 
 
 def lens_loss(
@@ -51,10 +55,11 @@ def lens_loss(
     attention_map: Tensor,  # (B, gh, gw)
     attention_target: Tensor,  # (B, gh, gw)
     weights: LossConfig,
+    cells: Tensor | None = None,  # (B, gh, gw) bool: each image's own grid (None: all cells)
 ) -> dict[str, Tensor]:
     """All loss terms, averaged over the batch, and their weighted total under ``"loss"``."""
     dice = torch.stack([dice_loss(x, t) for x, t in zip(mask_logits, targets, strict=True)]).mean()
     bce = torch.stack([mask_bce_loss(x, t) for x, t in zip(mask_logits, targets, strict=True)]).mean()
-    attn = attention_loss(attention_map, attention_target)
+    attn = attention_loss(attention_map, attention_target, cells)
     total = weights.dice_weight * dice + weights.bce_weight * bce + weights.attention_weight * attn
     return {"loss": total, "dice_loss": dice, "bce_loss": bce, "attention_loss": attn}

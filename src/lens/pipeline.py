@@ -449,13 +449,14 @@ class LensPipeline:
             points = geometry.grid_to_image(out.keypoints[i][out.keypoints_valid[i]]).cpu().numpy()
             cols = np.clip(points[:, 0].astype(int), 0, image.width - 1)
             rows = np.clip(points[:, 1].astype(int), 0, image.height - 1)
+            gh, gw = geometry.grid_size  # A_c is padded to the batch's largest grid
             predictions.append(
                 Prediction(
                     mask=mask,
                     score=float(out.iou_scores[i]),
                     keypoints=points,
                     keypoints_inside=mask[rows, cols],
-                    attention_map=out.attention_map[i].float().cpu().numpy(),
+                    attention_map=out.attention_map[i, :gh, :gw].float().cpu().numpy(),
                     geometry=geometry,
                     mask_logits=logits.cpu().numpy(),
                 )
@@ -497,19 +498,17 @@ def _build_quantized(config: Any, device: torch.device, bits: int) -> LensModel:
     from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
     from lens.backbone import BACKBONES
-    from lens.weights import _load_bridge
+    from lens.weights import _load_decoder
 
-    bridge = _load_bridge(config, device)
+    decoder = _load_decoder(config, device)
     model_id = resolve_model_id(config.backbone.model_id)
     quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     mllm = LlavaForConditionalGeneration.from_pretrained(
         model_id, revision=config.backbone.revision, quantization_config=quantization, device_map={"": device}
     )
     processor = AutoProcessor.from_pretrained(model_id, revision=config.backbone.revision)
-    backbone = BACKBONES[config.backbone.name](
-        mllm, processor, layer=config.backbone.layer, sam_size=bridge.image_size
-    )
-    model = LensModel(config, backbone, bridge)
+    backbone = BACKBONES[config.backbone.name](mllm, processor, layer=config.backbone.layer)
+    model = LensModel(config, backbone, decoder)
     for name, child in model.named_children():  # a quantised MLLM is already placed and cannot be moved
         if name != "backbone":
             child.to(device)

@@ -5,8 +5,9 @@ trainable parts fresh), ``load_lens_weights`` fills the trainable parts from a s
 and evaluating on a feature cache (``lens.cache``).
 
 A LENS checkpoint is a directory with ``lens_config.yaml`` and ``model.safetensors`` holding only the
-trainable tensors (head, descriptor, [CLS] position, SAM mask decoder): the frozen MLLM and SAM encoder are
-referenced by id, never copied.
+trainable tensors (head, descriptor, the decoder's ``trainable_names``): the frozen MLLM and image encoder are
+referenced by id, never copied. The config (and the safetensors metadata) name the decoder the weights belong
+to; loading them into another decoder is refused.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from lens.assets import resolve_model_id
 from lens.backbone import BACKBONES, Backbone, BackboneFeatures, LayerSpec, load_backbone
 from lens.config import BackboneConfig, LensConfig
-from lens.decoder import SamBridge, load_sam
+from lens.decoders import MaskDecoderBridge, load_decoder
 from lens.errors import InvalidCheckpoint
 from lens.model import LensModel
 
@@ -38,24 +38,23 @@ CONFIG_NAME = "lens_config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _load_bridge(config: LensConfig, device: str | torch.device = "cpu") -> SamBridge:
-    d = config.decoder
-    return load_sam(
-        resolve_model_id(d.model_id),
-        revision=d.revision,
-        device=device,
-        train_mask_decoder=d.train_mask_decoder,
+DECODER_KEY = "decoder"  # safetensors metadata: the decoder name the weights belong to
+
+
+def _load_decoder(config: LensConfig, device: str | torch.device = "cpu") -> MaskDecoderBridge:
+    return load_decoder(
+        dataclasses.replace(config.decoder, model_id=resolve_model_id(config.decoder.model_id)), device
     )
 
 
 def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
-    """Load the frozen MLLM and SAM named in ``config`` and attach freshly initialised LENS parts."""
-    bridge = _load_bridge(config, device)
+    """Load the frozen MLLM and mask decoder named in ``config`` and attach freshly initialised LENS parts."""
+    decoder = _load_decoder(config, device)
     backbone_config = dataclasses.replace(
         config.backbone, model_id=resolve_model_id(config.backbone.model_id)
     )
-    backbone = load_backbone(backbone_config, device=device, sam_size=bridge.image_size)
-    return LensModel(config, backbone, bridge).to(device)
+    backbone = load_backbone(backbone_config, device=device)
+    return LensModel(config, backbone, decoder).to(device)
 
 
 def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
@@ -63,7 +62,11 @@ def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    for name, write in ((WEIGHTS_NAME, lambda p: save_file(state, p)), (CONFIG_NAME, model.config.to_yaml)):
+    metadata = {DECODER_KEY: model.decoder.name}
+    for name, write in (
+        (WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata)),
+        (CONFIG_NAME, model.config.to_yaml),
+    ):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(fd)
         try:
@@ -81,6 +84,7 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")
+    _check_decoder(model, file, path / CONFIG_NAME if path.is_dir() else file.parent / CONFIG_NAME)
     try:
         state = load_file(str(file), device=str(model.device))
     except (SafetensorError, OSError) as err:  # truncated, or not safetensors at all: name the file
@@ -98,6 +102,18 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
             )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _check_decoder(model: LensModel, file: Path, config_file: Path) -> None:
+    """Refuse weights trained with another decoder (named in the file's metadata or the checkpoint's config)."""
+    with safe_open(str(file), framework="pt") as handle:
+        found = (handle.metadata() or {}).get(DECODER_KEY)
+    if found is None and config_file.is_file():
+        found = LensConfig.from_yaml(config_file).decoder.name
+    if found is not None and found != model.decoder.name:
+        raise ValueError(
+            f"{file} holds weights for the {found!r} decoder, not this model's {model.decoder.name!r}"
+        )
 
 
 def checkpoint_config(checkpoint: str | Path) -> tuple[Path, LensConfig]:
@@ -127,15 +143,12 @@ class SpecBackbone(Backbone):
     def layer_spec(self) -> LayerSpec:
         return self.spec
 
-    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
+    def encode(
+        self, images: Sequence[Image.Image], instructions: Sequence[str], decoder_frame=None, prefix=None
+    ) -> BackboneFeatures:
         raise RuntimeError(
             "this LENS model reads cached features and holds no MLLM; build it with build_lens"
         )
-
-
-class _NoImageEncoder(nn.Module):
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("SAM's image encoder was dropped: this LENS model reads cached SAM embeddings")
 
 
 def backbone_spec(config: BackboneConfig) -> LayerSpec:
@@ -149,9 +162,9 @@ def backbone_spec(config: BackboneConfig) -> LayerSpec:
 
 
 def strip_frozen_encoders(model: LensModel) -> LensModel:
-    """Drop the MLLM and SAM's image encoder from ``model`` (in place): what training on a cache needs."""
+    """Drop the MLLM and the decoder's image encoder from ``model`` (in place): what training on a cache needs."""
     model.backbone = SpecBackbone(model.backbone.layer_spec(), model.backbone.layer)
-    model.bridge.sam.vision_encoder = _NoImageEncoder()
+    model.decoder.drop_image_encoder()
     return model
 
 
@@ -159,6 +172,6 @@ def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu")
     """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
     if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
         return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
-    bridge = _load_bridge(config)
-    model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), bridge)
+    decoder = _load_decoder(config)
+    model = LensModel(config, SpecBackbone(backbone_spec(config.backbone), config.backbone.layer), decoder)
     return strip_frozen_encoders(model).to(device)

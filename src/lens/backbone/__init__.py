@@ -7,8 +7,11 @@ import torch
 from lens.backbone.base import (
     Backbone,
     BackboneFeatures,
+    DecoderFrameFn,
     LayerSpec,
+    RopeSpec,
     first_of_each,
+    image_geometries,
     run_until,
     shared_prefix_length,
     unique_images,
@@ -19,9 +22,7 @@ from lens.config import BackboneConfig
 BACKBONES: dict[str, type[Backbone]] = {"llava": LlavaBackbone}
 
 
-def load_backbone(
-    config: BackboneConfig, device: str | torch.device = "cpu", sam_size: int = 1024
-) -> Backbone:
+def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
     """Load the frozen MLLM named by ``config`` (hub id or local directory)."""
     if config.name not in BACKBONES:
         raise ValueError(f"unknown backbone {config.name!r}; available: {sorted(BACKBONES)}")
@@ -31,7 +32,6 @@ def load_backbone(
         revision=config.revision,
         dtype=getattr(torch, config.dtype),
         device=device,
-        sam_size=sam_size,
     )
 
 
@@ -39,9 +39,12 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneFeatures",
+    "DecoderFrameFn",
     "LayerSpec",
+    "RopeSpec",
     "LlavaBackbone",
     "first_of_each",
+    "image_geometries",
     "load_backbone",
     "run_until",
     "shared_prefix_length",

@@ -3,20 +3,20 @@
 A backbone adapter turns (images, instructions) into ``BackboneFeatures``: the hidden states after decoder
 layer k, where the image and text tokens are, which token starts the answer, and the image geometry. It
 also describes one decoder layer (``LayerSpec``) so the head can mirror it. Adding an MLLM family means
-writing one short adapter; the head, keypoints, descriptor and SAM bridge never change.
+writing one short adapter; the head, keypoints, descriptor and mask decoder never change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lens.geometry import ImageGeometry
+from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
 
 
 def unique_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], Tensor]:
@@ -57,6 +57,26 @@ def shared_prefix_length(same: Tensor, attention_mask: Tensor, text_start: Tenso
 
 
 @dataclass
+class RopeSpec:
+    """The backbone's rotary position embedding, mirrored by the head (``lens.head.rotary``)."""
+
+    kind: str = "default"  # "default" (1-D RoPE) | "mrope" (Qwen2/2.5-VL) | "mrope_interleaved" (Qwen3-VL)
+    theta: float = 10000.0
+    sections: tuple[int, ...] | None = None  # mrope kinds: (t, h, w) counts of rotary frequency pairs
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"unknown rope kind {self.kind!r}; known: {ROPE_KINDS}")
+        if self.kind != "default" and (self.sections is None or len(self.sections) != 3):
+            raise ValueError(f"rope kind {self.kind!r} needs three (t, h, w) sections, got {self.sections}")
+        if self.sections is not None:
+            self.sections = tuple(int(s) for s in self.sections)
+
+
+ROPE_KINDS = ("default", "mrope", "mrope_interleaved")
+
+
+@dataclass
 class LayerSpec:
     """Shape of one backbone decoder layer (pre-norm, RoPE attention, gated MLP), mirrored by the head."""
 
@@ -66,40 +86,48 @@ class LayerSpec:
     head_dim: int
     intermediate_size: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: RopeSpec = field(default_factory=RopeSpec)
     hidden_act: str = "silu"
-    attention_bias: bool = False
+    q_bias: bool = False
+    k_bias: bool = False
+    v_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE (self_attn.q_norm / k_norm)
 
 
 @dataclass
 class BackboneFeatures:
     """Everything the head reads from the frozen MLLM, for a batch of B prompts of padded length L.
 
-    Tensors are plain (not inference-mode) tensors so autograd can consume them; they are also exactly
-    what the feature cache stores.
+    Each prompt's image has its own attention grid (gh_i, gw_i); N = max gh_i * gw_i over the batch. Tensors
+    are plain (not inference-mode) tensors so autograd can consume them; they are also what the cache stores.
     """
 
     hidden_states: Tensor  # (B, L, d) output of decoder layer k
     attention_mask: Tensor  # (B, L) bool, True on real (non-padding) tokens
-    position_ids: Tensor  # (B, L) long, the backbone's own positions (for the head's RoPE)
-    image_span: Tensor  # (B, 2) long [start, end) of the image tokens; end - start = grid_h * grid_w
+    position_ids: Tensor  # (B, L) for 1-D RoPE, (3, B, L) for mrope kinds: exactly what layer k used
+    # (B, N) long: sequence index of the token of grid cell n (row-major over the image's own (gh_i, gw_i)),
+    # -1 beyond gh_i * gw_i. Image tokens that are not grid cells (a tiled family's base view or newline
+    # tokens, a thumbnail) appear nowhere here and are not text either.
+    image_positions: Tensor
+    grid_sizes: Tensor  # (B, 2) long (gh_i, gw_i)
     text_span: Tensor  # (B, 2) long [start, end) of the prompt tokens after the image (A_c averages these)
     answer_index: Tensor  # (B,) long: the start-of-answer token f_s (last prompt token) = text_span[:, 1] - 1
-    grid_size: tuple[int, int]  # (grid_h, grid_w) of the image tokens, row-major
-    geometries: list[ImageGeometry]  # per image: original size and the MLLM / SAM views
+    geometries: list[ImageGeometry]  # per prompt: its image's grid frame and decoder frame
     # Prompts that show the same image agree on their first ``shared_length`` tokens (template and image);
     # the head runs those once per image. None / 0: nothing shared. Cached rows find both in ``stack_cached``.
     image_index: Tensor | None = None  # (B,) long: which distinct image each prompt shows
     shared_length: int = 0
 
     @property
-    def image_mask(self) -> Tensor:  # (B, L) bool
-        return span_mask(self.image_span, self.hidden_states.shape[1])
-
-    @property
     def text_mask(self) -> Tensor:  # (B, L) bool
         return span_mask(self.text_span, self.hidden_states.shape[1])
+
+    @property
+    def max_grid(self) -> tuple[int, int]:
+        """(gh_max, gw_max): the padded grid every per-image map of this batch is laid out on."""
+        return int(self.grid_sizes[:, 0].max()), int(self.grid_sizes[:, 1].max())
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BackboneFeatures:
         moved = {}
@@ -118,20 +146,54 @@ def span_mask(span: Tensor, length: int) -> Tensor:
     return (positions >= span[:, :1]) & (positions < span[:, 1:])  # (B, L)
 
 
+# The decoder's frame for an original (width, height): ``MaskDecoderBridge.frame``.
+DecoderFrameFn = Callable[[int, int], DecoderFrame]
+
+
+def image_geometries(
+    grids: Sequence[GridFrame], decoder_frame: DecoderFrameFn | None = None
+) -> list[ImageGeometry]:
+    """Pair each image's grid frame with the decoder's frame (the identity frame when no decoder is named)."""
+    frame = decoder_frame or DecoderFrame.identity
+    return [ImageGeometry(g, frame(g.width, g.height)) for g in grids]
+
+
 class Backbone(nn.Module):
     """A frozen MLLM seen through the head's eyes. Subclasses implement the four members below."""
 
     layer: int  # k, 1-based
 
-    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
-        """Run the MLLM up to decoder layer k (inclusive) on one instruction per image, and stop."""
+    def encode(
+        self,
+        images: Sequence[Image.Image],
+        instructions: Sequence[str],
+        decoder_frame: DecoderFrameFn | None = None,
+        prefix: object | None = None,
+    ) -> BackboneFeatures:
+        """Run the MLLM up to decoder layer k (inclusive) on one instruction per image, and stop.
+
+        ``decoder_frame(width, height)`` gives the mask decoder's frame of an image (the model passes
+        ``decoder.frame``); the adapter pairs it with its own grid frame in ``BackboneFeatures.geometries``.
+        ``prefix`` is what ``encode_prefix`` returned for the (single) image all prompts show: the adapter then
+        runs only each prompt's own tokens. Results equal the plain path to float tolerance."""
         raise NotImplementedError
+
+    def grid_frame(self, width: int, height: int) -> GridFrame:
+        """How this family lays its attention grid over a ``width`` x ``height`` image."""
+        raise NotImplementedError
+
+    def encode_prefix(self, image: Image.Image) -> object | None:
+        """The text-independent start of every prompt on ``image`` (template + image) through layers 1..k, for
+        ``encode(prefix=...)``; None where the family cannot share one (``encode`` then runs everything)."""
+        return None
 
     def layer_spec(self) -> LayerSpec:
         raise NotImplementedError
 
     def decoder_layer_state(self, index: int) -> dict[str, Tensor]:
-        """State dict of decoder layer ``index`` (1-based), in LayerSpec naming, to initialise the head."""
+        """State dict of decoder layer ``index`` (1-based) in the head's (Llama) parameter names:
+        ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``self_attn.{q,k}_norm``, ``post_attention_layernorm``,
+        ``mlp.{gate,up,down}_proj``, so ``HeadConfig.init_from_backbone`` works for every family."""
         raise NotImplementedError
 
     def generate(self, images: Sequence[Image.Image], instructions: Sequence[str], **kwargs) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -21,13 +23,16 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from lens.backbone.base import (
     Backbone,
     BackboneFeatures,
+    DecoderFrameFn,
     LayerSpec,
+    RopeSpec,
     first_of_each,
+    image_geometries,
     run_until,
     shared_prefix_length,
     unique_images,
 )
-from lens.geometry import ImageGeometry
+from lens.geometry import GridFrame
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,20 @@ def pad_not_crop(processor: LlavaProcessor) -> None:
     ip.do_center_crop = False  # a square padded image resized on its short side is already square
 
 
+@dataclass
+class LlavaPrefix:
+    """A prompt prefix run once (``LlavaBackbone.encode_prefix``): template and image tokens of one image."""
+
+    image: Image.Image  # the image it shows, checked against every prompt that uses it
+    input_ids: Tensor  # (P,) the prefix's token ids, checked likewise
+    hidden: Tensor  # (1, P, d) its hidden states after layer k
+    cache: DynamicCache  # its keys / values in layers 1..k (copied, never extended, by each use)
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
+
+
 class LlavaBackbone(Backbone):
     """Frozen LLaVA-1.5 that runs only its first ``layer`` decoder layers.
 
@@ -65,24 +84,26 @@ class LlavaBackbone(Backbone):
         model: the MLLM; it is frozen and put in eval mode here and never changes afterwards.
         processor: its ``LlavaProcessor`` (tokenizer with the model's own chat template).
         layer: k, the 1-based decoder layer whose output the head reads.
-        sam_size: side of SAM's square input, recorded in each image's geometry.
     """
+
+    # The paper's k = 14 of LLaVA-1.5-7B's 32 layers: grounding is readable in the middle of the stack.
+    DEFAULT_LAYER_FRACTION = 14 / 32
 
     def __init__(
         self,
         model: LlavaForConditionalGeneration,
         processor: LlavaProcessor,
-        layer: int = 14,
-        sam_size: int = 1024,
+        layer: int | None = None,
     ):
         super().__init__()
         text_config = model.config.text_config
+        if layer is None:
+            layer = max(1, round(self.DEFAULT_LAYER_FRACTION * text_config.num_hidden_layers))
         if not 1 <= layer <= text_config.num_hidden_layers:
             raise ValueError(f"layer must be in [1, {text_config.num_hidden_layers}], got {layer}")
         self.model = model.requires_grad_(False).eval()
         self.processor = processor
         self.layer = layer
-        self.sam_size = sam_size
         pad_not_crop(processor)
         processor.tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1
         vision = model.config.vision_config
@@ -94,15 +115,14 @@ class LlavaBackbone(Backbone):
     def from_pretrained(
         cls,
         model_id: str,
-        layer: int = 14,
+        layer: int | None = None,
         revision: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
-        sam_size: int = 1024,
     ) -> LlavaBackbone:
         model = LlavaForConditionalGeneration.from_pretrained(model_id, revision=revision, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device), processor, layer=layer, sam_size=sam_size)
+        return cls(model.to(device), processor, layer=layer)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -136,37 +156,53 @@ class LlavaBackbone(Backbone):
         enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> BackboneFeatures:
+    def grid_frame(self, width: int, height: int) -> GridFrame:
+        """LLaVA-1.5 pads to a centred square and resizes it onto the vision tower's fixed grid."""
+        return GridFrame.pad_to_square(width, height, *self.grid_size)
+
+    def encode(
+        self,
+        images: Sequence[Image.Image],
+        instructions: Sequence[str],
+        decoder_frame: DecoderFrameFn | None = None,
+        prefix: LlavaPrefix | None = None,
+    ) -> BackboneFeatures:
         inputs = self._inputs(images, instructions)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
         image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
-        image_index = unique_images(images)[1]  # (B,) which distinct image each prompt shows
-        repeated = len(set(image_index.tolist())) < len(image_index)
-        same = input_ids == input_ids[:1]  # (B, L) token ids; equal ids on one image give equal embeddings
-        shared = shared_prefix_length(same, attention_mask, text_span[:, 0]) if repeated else 0
-        with torch.inference_mode():
-            embeds = self._embed(input_ids, inputs["pixel_values"], image_index)
-            hidden = self._run(embeds, inputs["attention_mask"], image_index, shared)
-        geometries = [
-            ImageGeometry(
-                width=im.width,
-                height=im.height,
-                grid_h=self.grid_size[0],
-                grid_w=self.grid_size[1],
-                mllm_size=self.mllm_size,
-                sam_size=self.sam_size,
-            )
-            for im in images
-        ]
+        if prefix is not None:  # one image, its template + image already through layers 1..k
+            shared = prefix.input_ids.shape[0]
+            same_image = all(im is prefix.image or _same_pixels(im, prefix.image) for im in images)
+            if not same_image or not (input_ids[:, :shared] == prefix.input_ids.to(input_ids.device)).all():
+                raise ValueError("the prompts do not start with this prefix (another image or template)")
+            image_index = torch.zeros(len(images), dtype=torch.long)
+            with torch.inference_mode():
+                rest = self.model.model.get_input_embeddings()(
+                    input_ids[:, shared:]
+                )  # (B, L - P, d) text only
+                hidden = self._run_rest(
+                    rest, inputs["attention_mask"], prefix.hidden, prefix.cache, image_index
+                )
+        else:
+            image_index = unique_images(images)[1]  # (B,) which distinct image each prompt shows
+            repeated = len(set(image_index.tolist())) < len(image_index)
+            same = input_ids == input_ids[:1]  # (B, L) token ids; equal ids on one image: equal embeddings
+            shared = shared_prefix_length(same, attention_mask, text_span[:, 0]) if repeated else 0
+            with torch.inference_mode():
+                embeds = self._embed(input_ids, inputs["pixel_values"], image_index)
+                hidden = self._run(embeds, inputs["attention_mask"], image_index, shared)
+        geometries = image_geometries([self.grid_frame(im.width, im.height) for im in images], decoder_frame)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        n_image = self.grid_size[0] * self.grid_size[1]
+        image_positions = image_span[:, :1] + torch.arange(n_image, device=input_ids.device)  # (B, N)
         return BackboneFeatures(
             hidden_states=hidden.clone(),  # clone: inference-mode tensors cannot enter autograd
             attention_mask=attention_mask.clone(),
             position_ids=positions.clone(),
-            image_span=image_span,
+            image_positions=image_positions,
+            grid_sizes=torch.tensor([self.grid_size] * len(images), device=input_ids.device),
             text_span=text_span,
             answer_index=text_span[:, 1] - 1,
-            grid_size=self.grid_size,
             geometries=geometries,
             image_index=image_index.to(input_ids.device),
             shared_length=shared,
@@ -182,25 +218,48 @@ class LlavaBackbone(Backbone):
                 model, layer, inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
             )
         first = first_of_each(image_index)
+        prefix, cache = self._run_prefix(embeds[first, :shared], attention_mask[first, :shared])
+        return self._run_rest(embeds[:, shared:], attention_mask, prefix, cache, image_index)
+
+    def _run_prefix(self, embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, DynamicCache]:
+        """Hidden states (U, P, d) after layer k of U prompt prefixes, and their keys / values in layers 1..k."""
         cache = DynamicCache()
-        prefix = run_until(  # (U, P, d) one row per distinct image
-            model,
-            layer,
-            inputs_embeds=embeds[first, :shared],
-            attention_mask=attention_mask[first, :shared],
+        hidden = run_until(
+            self.model.model,
+            self.decoder_layers[self.layer - 1],
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
             **{CACHE_KWARG: cache},
             use_cache=True,
         )
+        return hidden, cache
+
+    def _run_rest(
+        self, embeds: Tensor, attention_mask: Tensor, prefix: Tensor, cache: DynamicCache, image_index: Tensor
+    ) -> Tensor:
+        """Hidden states (B, L, d): each prompt's tokens after the P shared ones (``embeds``: (B, L - P, d)),
+        attending to the cached prefix of its image (``prefix``: (U, P, d), ``cache`` for U rows, left unchanged)."""
+        cache = copy.deepcopy(cache)
         cache.reorder_cache(image_index.to(embeds.device))  # layers 1..k: (B, heads, P, head_dim)
         rest = run_until(  # (B, L - P, d)
-            model,
-            layer,
-            inputs_embeds=embeds[:, shared:],
+            self.model.model,
+            self.decoder_layers[self.layer - 1],
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             **{CACHE_KWARG: cache},
             use_cache=True,
         )
         return torch.cat([prefix[image_index.to(prefix.device)], rest], 1)
+
+    @torch.inference_mode()
+    def encode_prefix(self, image: Image.Image) -> LlavaPrefix:
+        """Chat template + image (every token before the instruction) through layers 1..k, once per image."""
+        inputs = self._inputs([image], [""])
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        shared = int(self._spans(input_ids, attention_mask)[1][0, 0])  # the first text position
+        embeds = self._embed(input_ids[:, :shared], inputs["pixel_values"], torch.zeros(1, dtype=torch.long))
+        hidden, cache = self._run_prefix(embeds, inputs["attention_mask"][:, :shared])
+        return LlavaPrefix(image, input_ids[0, :shared].clone(), hidden.clone(), cache)
 
     def _embed(self, input_ids: Tensor, pixel_values: Tensor, image_index: Tensor) -> Tensor:
         """Token embeddings (B, L, d) with the projected vision features in the image tokens, the vision tower
@@ -247,9 +306,12 @@ class LlavaBackbone(Backbone):
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             intermediate_size=c.intermediate_size,
             rms_norm_eps=c.rms_norm_eps,
-            rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+            rope=RopeSpec("default", float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))),
             hidden_act=c.hidden_act,
-            attention_bias=c.attention_bias,
+            q_bias=c.attention_bias,
+            k_bias=c.attention_bias,
+            v_bias=c.attention_bias,
+            o_bias=c.attention_bias,
             mlp_bias=c.mlp_bias,
         )
 

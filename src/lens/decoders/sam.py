@@ -1,4 +1,4 @@
-"""The SAM bridge (paper §3.3): keypoints + descriptions become SAM's sparse prompts.
+"""SAM behind the decoder contract (paper §3.3): keypoints + descriptions become SAM's sparse prompts.
 
 SAM labels a point prompt with a learned "positive"/"negative" embedding; LENS replaces that label with the
 point's *description* d_i, so the decoder learns from the MLLM what each point means. Positions use SAM's own
@@ -9,21 +9,27 @@ image, frozen (its embeddings can be cached); only the mask decoder may train.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from transformers import SamModel, SamProcessor
 
+from lens.decoders.base import MaskDecoderBridge
+from lens.geometry import DecoderFrame
 
-class SamBridge(nn.Module):
-    """Hugging Face ``SamModel`` driven by LENS prompts.
+
+class SamDecoder(MaskDecoderBridge):
+    """Hugging Face ``SamModel`` (ViT-B / L / H) driven by LENS prompts.
 
     Arguments:
         sam: the SAM model; its image encoder and prompt encoder are frozen here.
         processor: its ``SamProcessor`` (resize longest side + normalise + pad bottom-right).
         train_mask_decoder: whether the mask decoder is fine-tuned with the head (paper: yes).
     """
+
+    name: ClassVar[str] = "sam"
 
     def __init__(self, sam: SamModel, processor: SamProcessor, train_mask_decoder: bool = True):
         super().__init__()
@@ -40,7 +46,7 @@ class SamBridge(nn.Module):
         self.image_size = sam.config.prompt_encoder_config.image_size
         self.cls_position = nn.Parameter(torch.randn(1, self.prompt_dim) * 0.02)  # [CLS] position of f_s
 
-    def train(self, mode: bool = True) -> SamBridge:
+    def train(self, mode: bool = True) -> SamDecoder:
         super().train(mode)
         self.sam.vision_encoder.eval()  # frozen parts never switch to training behaviour
         self.sam.prompt_encoder.eval()
@@ -49,6 +55,22 @@ class SamBridge(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.cls_position.device
+
+    def frame(self, width: int, height: int) -> DecoderFrame:
+        """``SamImageProcessor``: longest side resized to the input size, padded bottom-right."""
+        return DecoderFrame.longest_side(width, height, self.image_size)
+
+    def drop_image_encoder(self) -> None:
+        self.sam.vision_encoder = _NoImageEncoder()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sam.mask_decoder.parameters()).dtype
+
+    def trainable_names(self) -> list[str]:
+        """[CLS] position, and the mask decoder when it trains, less the parts that cannot reach LENS's single
+        mask or loss (IoU head, multimask hypernetworks): exactly the parameters left with ``requires_grad``."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
@@ -61,7 +83,7 @@ class SamBridge(nn.Module):
 
     def forward(
         self,
-        image_embeddings: Tensor,  # (B, d_s, h, w)
+        embeddings: Tensor,  # (B, d_s, h, w) SAM image-encoder output
         descriptions: Tensor,  # (B, 1 + m, d_s) global description first
         points: Tensor,  # (B, m, 2) x, y in SAM input pixels (continuous)
         valid: Tensor,  # (B, m) bool
@@ -78,6 +100,7 @@ class SamBridge(nn.Module):
         global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
         sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
 
+        image_embeddings = embeddings
         h, w = image_embeddings.shape[-2:]
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
         image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
@@ -90,15 +113,21 @@ class SamBridge(nn.Module):
         )
         return masks[:, 0, 0], iou[:, 0, 0]  # (B, 4h, 4w), (B,)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        train_mask_decoder: bool = True,
+    ) -> SamDecoder:
+        """SAM from a hub id (e.g. ``facebook/sam-vit-huge``) or a local ``save_pretrained`` directory."""
+        sam = SamModel.from_pretrained(model_id, revision=revision, dtype=dtype).to(device).eval()
+        processor = SamProcessor.from_pretrained(model_id, revision=revision)
+        return cls(sam, processor, train_mask_decoder=train_mask_decoder).to(device)
 
-def load_sam(
-    model_id: str,
-    revision: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    train_mask_decoder: bool = True,
-) -> SamBridge:
-    """SAM from a hub id (e.g. ``facebook/sam-vit-huge``) or a local ``save_pretrained`` directory."""
-    sam = SamModel.from_pretrained(model_id, revision=revision, dtype=dtype).to(device).eval()
-    processor = SamProcessor.from_pretrained(model_id, revision=revision)
-    return SamBridge(sam, processor, train_mask_decoder=train_mask_decoder).to(device)
+
+class _NoImageEncoder(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("SAM's image encoder was dropped: this LENS model reads cached SAM embeddings")
