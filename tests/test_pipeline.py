@@ -109,9 +109,10 @@ def test_shipped_calibration_is_loaded_and_recorded():
     calibrator = PresenceCalibrator.load(resolve_model_id("lens:synthetic/lens") + "/presence.json")
     assert set(calibrator.feature_names) <= set(PRESENCE_FEATURES)
     assert calibrator.fitted_on["split"] == "synthetic/val"
-    assert calibrator.fitted_on["test"]["balanced_accuracy"] > calibrator.fitted_on["test"][
-        "sam_iou_only_balanced_accuracy"
-    ]
+    assert (
+        calibrator.fitted_on["test"]["balanced_accuracy"]
+        > calibrator.fitted_on["test"]["sam_iou_only_balanced_accuracy"]
+    )
 
 
 def _mask_result(mask: np.ndarray) -> Segmentation:
@@ -163,7 +164,9 @@ def _has_supervision() -> bool:
 
 
 def test_instruction_uses_the_training_templates():
-    assert instruction("the red ring") == "What is the red ring in this image? Please output segmentation mask."
+    assert (
+        instruction("the red ring") == "What is the red ring in this image? Please output segmentation mask."
+    )
     assert instruction("which one has a hole?") == "which one has a hole? Please output segmentation mask."
     assert instruction("  keep me  ", raw=True) == "keep me"
     with pytest.raises(InvalidInput, match="whitespace"):

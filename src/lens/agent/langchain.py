@@ -17,7 +17,9 @@ def lens_tool(agent: LensAgent, conversation: Conversation, name: str = "lens") 
     try:
         from langchain_core.tools import StructuredTool
     except ImportError as error:
-        raise ImportError("lens_tool needs `pip install langchain-core` (extra: lens-seg[langchain])") from error
+        raise ImportError(
+            "lens_tool needs `pip install langchain-core` (extra: lens-seg[langchain])"
+        ) from error
 
     def run(request: str) -> tuple[str, dict[str, Any]]:
         reply = agent(conversation, request)
