@@ -184,7 +184,7 @@ def test_devices_and_quantisation_are_refused_by_name():
             LensPipeline.from_pretrained(device="cpu", load_in_4bit=True)
 
 
-def test_from_a_local_directory_and_bad_paths(tmp_path, scene):
+def test_from_a_local_directory_and_bad_paths(tmp_path, scene, monkeypatch):
     local = tmp_path / "ckpt"
     shutil.copytree(resolve_model_id("lens:synthetic/lens"), local)
     pipe = LensPipeline.from_pretrained(local, device="cpu", dtype="float32")
@@ -192,5 +192,19 @@ def test_from_a_local_directory_and_bad_paths(tmp_path, scene):
     assert pipe(scene.image, "the red ring").mask.shape == scene.image.shape[:2]
     with pytest.raises(InvalidInput, match="no LENS checkpoint"):
         LensPipeline.from_pretrained(tmp_path / "missing")
+    import huggingface_hub
+
+    asked = []
+
+    def offline(repo_id, **kwargs):  # the project's machines reach no hub: stand in for that answer
+        asked.append((repo_id, kwargs["allow_patterns"]))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(InvalidInput, match="neither a local directory nor a reachable hub"):
+        LensPipeline.from_pretrained("no-such-owner-lens/no-such-checkpoint")
+    assert asked == [
+        ("no-such-owner-lens/no-such-checkpoint", ["lens_config.yaml", "model.safetensors", "presence.json"])
+    ]
     with pytest.raises(InvalidInput, match="unknown dtype"):
         LensPipeline.from_pretrained(local, dtype="float13")

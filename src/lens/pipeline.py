@@ -270,7 +270,12 @@ def checkpoint_directory(checkpoint: str | Path, revision: str | None = None) ->
         raise InvalidInput(f"no LENS checkpoint directory at {text}")
     from huggingface_hub import snapshot_download  # a hub id "owner/name": only the checkpoint's files
 
-    return Path(snapshot_download(text, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
+    except Exception as error:  # offline, unknown repo, no access: one line naming both places looked in
+        raise InvalidInput(
+            f"{text!r} is neither a local directory nor a reachable hub checkpoint ({type(error).__name__})"
+        ) from None
 
 
 def instruction(query: str, raw: bool = False) -> str:
