@@ -202,9 +202,8 @@ def box_mask(width: int, height: int, left: int, top: int, right: int, bottom: i
 def check_train_and_predict(backbone: HFBackbone) -> None:
     """One training step and ``predict`` through the shared head / keypoints / descriptor / SAM code, on a
     batch whose two images have different grids; the frozen MLLM's logits are bit-identical afterwards."""
-    from lens.decoders import SamDecoder
-
     from lens.config import LensConfig
+    from lens.decoders import SamDecoder
     from lens.model import LensModel
     from lens.tiny import build_sam
 

@@ -281,5 +281,9 @@ def export_world(
     _run(job)
 
 
+from lens.cli_use import register  # noqa: E402  (segment, chat, serve: see lens/cli_use.py)
+
+register(app, _run)
+
 if __name__ == "__main__":
     app()

@@ -61,6 +61,7 @@ class Prediction:
     )  # (n,) bool: keypoint falls inside the mask (white vs red in the paper's Fig. 3)
     attention_map: np.ndarray  # (gh, gw) A_c in [0, 1] on this image's own grid
     geometry: ImageGeometry  # maps between this image, the attention grid and the decoder's frame
+    mask_logits: np.ndarray | None = None  # (H, W) float32 logits behind ``mask`` (presence calibration)
 
 
 @dataclass
@@ -242,6 +243,7 @@ class LensModel(nn.Module):
                     keypoints_inside=mask[rows, cols],
                     attention_map=out.attention_map[i, :gh, :gw].float().cpu().numpy(),
                     geometry=geometry,
+                    mask_logits=out.mask_logits[i].float().cpu().numpy(),
                 )
             )
         return predictions[0] if isinstance(text, str | bytes) else predictions

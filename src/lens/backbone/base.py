@@ -235,6 +235,13 @@ class Backbone(nn.Module):
                 handle.remove()
         return features, [captured[i] for i in range(len(layers))]
 
+    def score_continuations(
+        self, image: Image.Image, instruction: str, continuations: Sequence[str]
+    ) -> Tensor:
+        """(C,) log-likelihood of each continuation as the start of the untouched MLLM's answer (the agent's
+        router compares its labels this way, never by free generation). Added by branch `interfaces`."""
+        raise NotImplementedError
+
     def train(self, mode: bool = True) -> Backbone:
         # Frozen means frozen: dropout and friends stay in eval mode whatever the caller asks.
         return super().train(False)

@@ -332,3 +332,28 @@ class LlavaBackbone(Backbone):
             new = out[0, inputs["input_ids"].shape[1] :]
             answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
         return answers
+
+    def score_continuations(
+        self, image: Image.Image, instruction: str, continuations: Sequence[str]
+    ) -> Tensor:
+        # Added by branch `interfaces` (agent router): prompt once per continuation, summed answer log-probs.
+        if not continuations:
+            raise ValueError("score_continuations needs at least one continuation")
+        inputs = self._inputs([image] * len(continuations), [instruction] * len(continuations))
+        prompt = inputs["input_ids"]  # (C, P), identical rows
+        tokenizer = self.processor.tokenizer
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        if any(not i for i in ids):
+            raise ValueError(f"a continuation tokenizes to nothing: {list(continuations)}")
+        longest = max(map(len, ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tail = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=prompt.device)  # (C, T)
+        real = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids], device=prompt.device)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.cat([prompt, tail], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], real], 1),
+                pixel_values=inputs["pixel_values"],
+            ).logits[:, prompt.shape[1] - 1 : -1]  # (C, T, V): the logits that predict each tail token
+        scores = logits.float().log_softmax(-1).gather(-1, tail[..., None])[..., 0]  # (C, T)
+        return (scores * real).sum(1).cpu()
