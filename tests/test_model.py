@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import box_mask, make_lens, random_image
+from lens.geometry import GridFrame
 from lens.model import LensInputs
 from lens.weights import load_lens_weights, save_lens_weights
 
@@ -209,3 +212,108 @@ def test_build_and_load_through_local_directories(tiny_models, tmp_path):
     np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_allclose(a.attention_map, b.attention_map, atol=1e-6)
     assert not any(p.requires_grad for p in loaded.backbone.parameters())
+
+
+@pytest.mark.parametrize(("width", "height"), [(1000, 300), (300, 1000), (1000, 60), (40, 900)])
+def test_keypoints_never_fall_in_the_mllm_padding(tiny_models, width, height):
+    """Extreme aspect ratios, random head: LLaVA pads most of the grid; every keypoint still lies on the image,
+    on a cell that overlaps it, and the decoder's prompts are inside the image's part of its frame."""
+    lens = make_lens(tiny_models).eval()
+    for seed in range(3):
+        image = random_image(height, width, seed)
+        prediction = lens.predict(image, "segment the red ring")
+        points = prediction.keypoints  # (n, 2) original pixels
+        assert len(points) > 0
+        assert (points[:, 0] >= 0).all() and (points[:, 0] <= width).all(), points
+        assert (points[:, 1] >= 0).all() and (points[:, 1] <= height).all(), points
+        cells = prediction.geometry.image_to_grid(torch.from_numpy(points)).round().long()
+        assert prediction.geometry.valid_cells()[cells[:, 1], cells[:, 0]].all()
+
+
+def test_forward_on_cached_features_of_mixed_grid_sizes(tiny_lens):
+    """A batch whose prompts have different grids (as Qwen's dynamic resolution gives): the small image's part of
+    the padded A_c is zero outside its grid, its keypoints stay on it, and its mask equals the one it gets alone."""
+    tiny_lens.eval()
+    inputs = tiny_lens.prepare(IMAGES, TEXTS)
+    f = inputs.features
+    # Pretend prompt 1 only had a 4 x 5 grid: its first 20 image tokens are its cells, the rest not cells.
+    f.grid_sizes = torch.tensor([[6, 6], [4, 5]])
+    f.image_positions = f.image_positions.clone()
+    f.image_positions[1, 20:] = -1
+    g = f.geometries[1]
+    f.geometries[1] = type(g)(GridFrame.resize(g.width, g.height, 4, 5), g.decoder)
+    with torch.no_grad():
+        out = tiny_lens(inputs)
+        alone = tiny_lens(
+            LensInputs(
+                dataclasses.replace(
+                    f,
+                    hidden_states=f.hidden_states[1:],
+                    attention_mask=f.attention_mask[1:],
+                    position_ids=f.position_ids[1:],
+                    image_positions=f.image_positions[1:, :20],
+                    grid_sizes=f.grid_sizes[1:],
+                    text_span=f.text_span[1:],
+                    answer_index=f.answer_index[1:],
+                    geometries=f.geometries[1:],
+                    image_index=None,
+                    shared_length=0,
+                ),
+                inputs.decoder_embeddings[1:],
+            )
+        )
+    assert out.attention_map.shape == (2, 6, 6)
+    assert (out.attention_map[1, 4:] == 0).all() and (out.attention_map[1, :, 5:] == 0).all()
+    valid = out.keypoints_valid[1]
+    assert (out.keypoints[1][valid] <= torch.tensor([4.5, 3.5])).all()
+    torch.testing.assert_close(out.attention_map[1, :4, :5], alone.attention_map[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.mask_logits[1], alone.mask_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_embed_once_query_many_equals_the_plain_path(tiny_lens):
+    tiny_lens.eval()
+    texts = ["segment the ring", "where is the red square in this image ?", "the square"]
+    embedded = tiny_lens.embed_image(IMAGES[0])
+    assert embedded.prefix is not None
+    seen = []
+    hooks = [
+        tiny_lens.decoder.sam.vision_encoder.register_forward_hook(lambda m, a, o: seen.append("sam")),
+        tiny_lens.backbone.model.model.vision_tower.register_forward_hook(
+            lambda m, a, o: seen.append("clip")
+        ),
+    ]
+    cached = tiny_lens.predict(embedded, texts)
+    one = tiny_lens.predict(embedded, texts[1])
+    for hook in hooks:
+        hook.remove()
+    assert seen == []  # neither image encoder ran again
+    plain = tiny_lens.predict(IMAGES[0], texts)
+    for a, b in zip([*cached, one], [*plain, plain[1]], strict=True):
+        np.testing.assert_allclose(a.attention_map, b.attention_map, atol=1e-6)
+        np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert a.geometry == b.geometry == embedded.geometry
+    with pytest.raises(ValueError, match="do not start with this prefix"):
+        tiny_lens.backbone.encode([IMAGES[1]], ["x"], prefix=embedded.prefix)  # another image size
+
+
+def test_predict_leaves_an_eval_model_alone(tiny_lens, monkeypatch):
+    tiny_lens.eval()
+    calls = []
+    monkeypatch.setattr(type(tiny_lens), "train", lambda self, mode=True: calls.append(mode) or self)
+    tiny_lens.predict(IMAGES[0], "segment the ring")
+    assert calls == []
+
+
+def test_load_refuses_another_decoders_checkpoint(tiny_models, tmp_path):
+    model = make_lens(tiny_models)
+    save_lens_weights(model, tmp_path / "ckpt")
+    config = (tmp_path / "ckpt" / "lens_config.yaml").read_text()
+    (tmp_path / "ckpt" / "lens_config.yaml").write_text(config.replace("name: sam", "name: sam2"))
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"decoder": "sam2"})
+    with pytest.raises(ValueError, match="holds weights for the 'sam2' decoder, not this model's 'sam'"):
+        load_lens_weights(make_lens(tiny_models), tmp_path / "ckpt")

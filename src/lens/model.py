@@ -26,6 +26,8 @@ from lens.head import SegmentationHead
 from lens.keypoints import extract_keypoints, sample_neighbourhood
 from lens.losses import lens_loss
 
+EDGE_MARGIN = 1e-3  # cells: how far inside the image's edge a clamped keypoint stays
+
 
 @dataclass
 class LensInputs:
@@ -249,10 +251,13 @@ def _first_tensor(embeddings: ImageEmbeddings) -> Tensor:
 
 
 def _clamp_to_images(points: Tensor, geometries: Sequence[ImageGeometry]) -> Tensor:
-    """(B, m, 2) grid points clamped, per image, to the image's extent in cells (its edges, not its padding)."""
+    """(B, m, 2) grid points clamped, per image, to the image's extent in cells (its edges, not its padding),
+    ``EDGE_MARGIN`` inside so that float32 rounding in ``grid_to_image`` cannot put a point past the edge."""
     extents = [g.grid.image_extent() for g in geometries]
-    low = points.new_tensor([[x[0], y[0]] for x, y in extents])[:, None]  # (B, 1, 2)
-    high = points.new_tensor([[x[1], y[1]] for x, y in extents])[:, None]
+    low = points.new_tensor([[x[0] + EDGE_MARGIN, y[0] + EDGE_MARGIN] for x, y in extents])[
+        :, None
+    ]  # (B, 1, 2)
+    high = points.new_tensor([[x[1] - EDGE_MARGIN, y[1] - EDGE_MARGIN] for x, y in extents])[:, None]
     return torch.minimum(torch.maximum(points, low), high)
 
 

@@ -67,9 +67,14 @@ def pad_not_crop(processor: LlavaProcessor) -> None:
 class LlavaPrefix:
     """A prompt prefix run once (``LlavaBackbone.encode_prefix``): template and image tokens of one image."""
 
-    input_ids: Tensor  # (P,) the prefix's token ids, checked against every prompt that uses it
+    image: Image.Image  # the image it shows, checked against every prompt that uses it
+    input_ids: Tensor  # (P,) the prefix's token ids, checked likewise
     hidden: Tensor  # (1, P, d) its hidden states after layer k
     cache: DynamicCache  # its keys / values in layers 1..k (copied, never extended, by each use)
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
 
 
 class LlavaBackbone(Backbone):
@@ -167,10 +172,9 @@ class LlavaBackbone(Backbone):
         image_span, text_span = self._spans(input_ids, attention_mask)  # checks the prompts first
         if prefix is not None:  # one image, its template + image already through layers 1..k
             shared = prefix.input_ids.shape[0]
-            if not (input_ids[:, :shared] == prefix.input_ids.to(input_ids.device)).all():
-                raise ValueError(
-                    "the prompts do not start with this prefix (another image size or template?)"
-                )
+            same_image = all(im is prefix.image or _same_pixels(im, prefix.image) for im in images)
+            if not same_image or not (input_ids[:, :shared] == prefix.input_ids.to(input_ids.device)).all():
+                raise ValueError("the prompts do not start with this prefix (another image or template)")
             image_index = torch.zeros(len(images), dtype=torch.long)
             with torch.inference_mode():
                 rest = self.model.model.get_input_embeddings()(
@@ -255,7 +259,7 @@ class LlavaBackbone(Backbone):
         shared = int(self._spans(input_ids, attention_mask)[1][0, 0])  # the first text position
         embeds = self._embed(input_ids[:, :shared], inputs["pixel_values"], torch.zeros(1, dtype=torch.long))
         hidden, cache = self._run_prefix(embeds, inputs["attention_mask"][:, :shared])
-        return LlavaPrefix(input_ids[0, :shared].clone(), hidden.clone(), cache)
+        return LlavaPrefix(image, input_ids[0, :shared].clone(), hidden.clone(), cache)
 
     def _embed(self, input_ids: Tensor, pixel_values: Tensor, image_index: Tensor) -> Tensor:
         """Token embeddings (B, L, d) with the projected vision features in the image tokens, the vision tower
