@@ -24,14 +24,21 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lens.backbone.base import Backbone, BackboneFeatures
+from lens.geometry import ImageGeometry
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lens.config import DataConfig
 
 
 @dataclass
@@ -96,9 +103,9 @@ def text_image_maps(features: BackboneFeatures, attentions: Sequence[Tensor]) ->
     return maps
 
 
-def cell_centres_on(geometry, target: Tensor) -> Tensor:
+def cell_centres_on(geometry: ImageGeometry, target: Tensor) -> Tensor:
     """(gh, gw) bool: the centre of each grid cell, in the original image, lies on a target pixel."""
-    gh, gw = geometry.mask_to_grid(target.float()).shape
+    gh, gw = geometry.grid.grid_h, geometry.grid.grid_w
     ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     centres = geometry.grid_to_image(torch.stack([xs, ys], -1).float())  # (gh, gw, 2) x, y pixels
     col, row = centres[..., 0].floor().long(), centres[..., 1].floor().long()
@@ -196,7 +203,7 @@ def probe(
     )
 
 
-def probe_rows(data: str, config_data=None, limit: int | None = None) -> Iterable[dict]:
+def probe_rows(data: str, config_data: DataConfig | None = None, limit: int | None = None) -> Iterator[dict]:
     """Evaluation rows (reference prompts) of ``data`` = "dataset/split", e.g. "synthetic/val".
 
     The synthetic world needs no files (seed 0 unless ``config_data`` says otherwise); other datasets are read
@@ -230,7 +237,7 @@ def run_probe(
     data: str = "synthetic/val",
     limit: int | None = 200,
     backbone: str = "llava",
-    config_data=None,
+    config_data: DataConfig | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
     device: str = "cpu",
@@ -252,7 +259,7 @@ def run_probe(
     return probe(mllm, itertools.chain([first], rows), batch_size=batch_size, model=model, data=data)
 
 
-def print_table(result: ProbeResult, console) -> None:
+def print_table(result: ProbeResult, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result.model} on {result.data}", caption=f"{result.queries} queries with a target")
