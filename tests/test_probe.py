@@ -208,3 +208,27 @@ def test_cli_probes_a_saved_model_and_names_bad_data(tmp_path):
     assert 1 <= parsed["recommended"] <= len(parsed["layers"])
     result = runner.invoke(app, ["probe", str(tmp_path / "mllm"), "--data", "synthetic"])
     assert result.exit_code == 2 and "dataset/split" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_every_family_s_layer_maps_equal_its_output_attentions():
+    """Every backbone family of branch ``backbones`` (skipped until it is merged): the probe's per-layer maps of
+    three prompts with different image sizes equal eq. 1 from the model's own ``output_attentions``."""
+    families = pytest.importorskip("lens.tiny_families")
+    from lens.backbone import BACKBONES
+
+    images = [random_image(40, 60, seed=1), random_image(40, 60, seed=1), random_image(70, 30, seed=2)]
+    for name in families.TINY_FAMILIES:
+        model, processor = families.build_family(name)
+        backbone = BACKBONES[name](model, processor, layer=1)
+        features, attentions = backbone.layer_attentions(images, TEXTS)
+        inputs = backbone._inputs(images, TEXTS)
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            reference = model(**inputs, output_attentions=True).attentions  # per layer (B, heads, L, L)
+        for b, ours in enumerate(text_image_maps(features, attentions)):
+            gh, gw = features.grid_sizes[b].tolist()
+            cells = features.image_positions[b, : gh * gw]
+            t0, t1 = features.text_span[b].tolist()
+            theirs = torch.stack([a[b].float().mean(0)[t0:t1].mean(0)[cells].view(gh, gw) for a in reference])
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5, msg=name)

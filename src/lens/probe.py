@@ -24,8 +24,9 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,12 @@ from torch import Tensor
 
 from lens.backbone.base import Backbone, BackboneFeatures
 from lens.data.loader import ImageRow
+from lens.geometry import ImageGeometry
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lens.config import DataConfig
 
 
 @dataclass
@@ -97,9 +104,9 @@ def text_image_maps(features: BackboneFeatures, attentions: Sequence[Tensor]) ->
     return maps
 
 
-def cell_centres_on(geometry, target: Tensor) -> Tensor:
+def cell_centres_on(geometry: ImageGeometry, target: Tensor) -> Tensor:
     """(gh, gw) bool: the centre of each grid cell, in the original image, lies on a target pixel."""
-    gh, gw = geometry.mask_to_grid(target.float()).shape
+    gh, gw = geometry.grid.grid_h, geometry.grid.grid_w
     ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     centres = geometry.grid_to_image(torch.stack([xs, ys], -1).float())  # (gh, gw, 2) x, y pixels
     col, row = centres[..., 0].floor().long(), centres[..., 1].floor().long()
@@ -197,7 +204,9 @@ def probe(
     )
 
 
-def probe_rows(data: str, config_data=None, limit: int | None = None) -> Iterable[ImageRow]:
+def probe_rows(
+    data: str, config_data: DataConfig | None = None, limit: int | None = None
+) -> Iterator[ImageRow]:
     """Evaluation rows (reference prompts) of ``data`` = "dataset/split", e.g. "synthetic/val".
 
     The synthetic world needs no files (seed 0 unless ``config_data`` says otherwise); other datasets are read
@@ -227,7 +236,7 @@ def run_probe(
     data: str = "synthetic/val",
     limit: int | None = 200,
     backbone: str = "llava",
-    config_data=None,
+    config_data: DataConfig | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
     device: str = "cpu",
@@ -249,7 +258,7 @@ def run_probe(
     return probe(mllm, itertools.chain([first], rows), batch_size=batch_size, model=model, data=data)
 
 
-def print_table(result: ProbeResult, console) -> None:
+def print_table(result: ProbeResult, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result.model} on {result.data}", caption=f"{result.queries} queries with a target")

@@ -32,10 +32,12 @@ Sam2Embeddings = tuple[Tensor, Tensor, Tensor]  # (B, d/8, 4h, 4w), (B, d/4, 2h,
 
 
 def sam2_image_processor(
-    size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
 ) -> ViTImageProcessorPil:
     """SAM 2's pre-processing (resize to ``size`` x ``size`` bilinear, rescale, ImageNet normalisation) with the
-    PIL backend: ``Sam2ImageProcessor`` needs torchvision, which LENS does not depend on."""
+    PIL backend: ``Sam2ImageProcessor`` needs torchvision, which LENS does not depend on. The steps are the same;
+    PIL's and torchvision's bilinear resampling may differ in the last bits of a pixel (not measured here: no
+    torchvision in this environment)."""
     return ViTImageProcessorPil(
         size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std)
     )
