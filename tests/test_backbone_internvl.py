@@ -82,7 +82,9 @@ def _colour_tower(backbone: InternVLBackbone) -> Callable[[], None]:
     class Tower(nn.Module):
         def forward(self, pixel_values: Tensor, **_: object) -> BaseModelOutputWithPooling:
             n, c, h, w = pixel_values.shape
-            tiles = pixel_values.view(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+            h, w = h // patch * patch, w // patch * patch  # a strided patch conv never sees the remainder
+            pixel_values = pixel_values[..., :h, :w]
+            tiles = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
             colour = patch_colours(tiles, ip.image_mean, ip.image_std).flatten(1, 2)  # (n, patches, 3)
             colour = torch.cat([colour[:, :1], colour], 1)  # a CLS token, dropped by the "default" strategy
             return BaseModelOutputWithPooling(last_hidden_state=colour, hidden_states=(colour,) * 3)

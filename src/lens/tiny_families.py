@@ -286,13 +286,15 @@ def build_llava_next(
 
 
 def build_llava_onevision(
-    words: Iterable[str] = TEST_WORDS, seed: int = 0, max_tiles: int = 9
+    words: Iterable[str] = TEST_WORDS, seed: int = 0, max_tiles: int = 9, tile: int = 16
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
     """A random ``LlavaOnevisionForConditionalGeneration`` (SigLIP 16-px tiles, Qwen2 LM) + processor.
 
     ``max_tiles`` is the ``anyres_max_N`` budget: unpadded grids above ~N tiles' worth of cells are
-    bilinearly downsampled by the model, which the adapter's frame must follow.
+    bilinearly downsampled by the model, which the adapter's frame must follow. ``tile`` = 18 makes the 4-px
+    patches leave each tile's last 2 px unseen, as SigLIP's 14-px patches do on 384-px tiles.
     """
+    pinpoints = [[h * tile // 16, w * tile // 16] for h, w in TINY_PINPOINTS]
     tokenizer = family_tokenizer(
         words,
         LLAVA_SPECIALS,
@@ -306,13 +308,13 @@ def build_llava_onevision(
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=16,
+            image_size=tile,
             patch_size=4,
         ),
         text_config=Qwen2Config(**_llava_text(tokenizer)).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=TINY_PINPOINTS,
+        image_grid_pinpoints=pinpoints,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         vision_aspect_ratio=f"anyres_max_{max_tiles}",
@@ -322,7 +324,7 @@ def build_llava_onevision(
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 16, "width": 16}, image_grid_pinpoints=TINY_PINPOINTS
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
     )
     processor = images_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
