@@ -16,6 +16,7 @@ from backbone_checks import (
     check_from_pretrained,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
+    check_prefix_sharing,
     check_repeated_images,
     check_round_trip,
     check_scattered_features,
@@ -190,3 +191,7 @@ def test_tiles_their_patches_do_not_cover():
     check_early_exit(backbone, [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)], PROMPTS)
     bound = (18 - 16) * 3.5 / 4  # 1.75 canvas px; the canvas is at least as large as these images
     check_cells_see_their_pixels(backbone, _colour_tower, sizes, tolerance=bound + 0.2)
+
+
+def test_prompts_on_one_image_share_its_prefix_where_the_family_allows(backbone):
+    check_prefix_sharing(backbone)

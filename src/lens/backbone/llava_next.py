@@ -15,7 +15,8 @@ back through the unpadding, the centred padding and the resize, per axis (``cell
 origin that is the unpadded grid's top-left corner in original pixels; it may sit a fraction of a cell
 outside the image where the model's unpadding rounds).
 
-Both use 1-D RoPE; prompts are not prefix-shared (``shared_length = 0``).
+Both use 1-D RoPE: prompts on one image share its template + image tokens (``encode_prefix``; ``shared_length``
+= P); a batch over several images runs every prompt whole (their image token counts differ).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class LlavaNextBackbone(HFBackbone):
     processor_class: ClassVar[type] = LlavaNextProcessor
     # LLaVA-1.5's k = 14 of 32 (the paper): LLaVA-NeXT keeps LLaVA-1.5's recipe on a 32-layer LM.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    shares_prefix: ClassVar[bool] = True  # 1-D RoPE, nothing added between layers
     HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-v1.6-mistral-7b-hf": 32}
 
     def max_tiles(self) -> int | None:
