@@ -53,7 +53,11 @@ CHAT_WORDS = ["user", "assistant", ":", "\n"]
 
 
 def family_tokenizer(
-    words: Iterable[str], specials: Sequence[str], chat_template: str, **special_attrs: str
+    words: Iterable[str],
+    specials: Sequence[str],
+    chat_template: str,
+    padding_side: str = "right",
+    **special_attrs: str,
 ) -> PreTrainedTokenizerFast:
     """A lower-casing word tokenizer over ``words`` plus ``specials`` (each one token, never split).
 
@@ -80,7 +84,7 @@ def family_tokenizer(
         eos_token="</s>",
         **{k: v for k, v in special_attrs.items() if k in named},
         extra_special_tokens={k: v for k, v in special_attrs.items() if k not in named},
-        padding_side="right",
+        padding_side=padding_side,
     )
     fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in ("<unk>",)]})
     fast.chat_template = chat_template
@@ -350,6 +354,7 @@ def build_internvl(
         words,
         INTERNVL_SPECIALS,
         _template("<IMG_CONTEXT>\n"),
+        padding_side="left",  # as InternVL's processor defaults to; the adapter asks for right padding
         context_image_token="<IMG_CONTEXT>",
         start_image_token="<img>",
         end_image_token="</img>",
@@ -376,7 +381,10 @@ def build_internvl(
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+        # crop_to_patches stays False here: InternVLProcessor turns it on, as for the hub checkpoints
+        size={"height": 32, "width": 32},
+        min_patches=1,
+        max_patches=max_tiles,
     )
     processor = images_only(InternVLProcessor)(
         image_processor=image_processor,

@@ -186,7 +186,9 @@ class HFBackbone(Backbone):
         unique, index = unique_images(images)
         if len(unique) == len(images):
             return model_inputs
-        vision = self.processor.image_processor([im.convert("RGB") for im in unique], return_tensors="pt")
+        defaults = dict(getattr(self.processor, "images_kwargs", None) or {})  # as the processor passes them
+        rgb = [im.convert("RGB") for im in unique]
+        vision = self.processor.image_processor(rgb, **{**defaults, "return_tensors": "pt"})
         wanted = inspect.signature(self.model.model.get_image_features).parameters
         kwargs = {k: v.to(self.device) for k, v in vision.items() if k in wanted and isinstance(v, Tensor)}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
@@ -223,7 +225,13 @@ class HFBackbone(Backbone):
         if not images:
             raise ValueError("got no images")
         rgb = [image.convert("RGB") for image in images]
-        enc = self.processor(images=rgb, text=self._prompts(instructions), padding=True, return_tensors="pt")
+        enc = self.processor(  # right padding whatever the processor's default (InternVL's is left)
+            images=rgb,
+            text=self._prompts(instructions),
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
         enc = dict(enc)
         enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, Tensor)}

@@ -66,7 +66,10 @@ class InternVLBackbone(HFBackbone):
 
     def arrangement(self, width: int, height: int) -> tuple[int, int]:
         ip = self.processor.image_processor
-        if not ip.crop_to_patches:
+        # InternVLProcessor passes crop_to_patches=True by default, over the image processor's own setting
+        defaults = getattr(self.processor, "images_kwargs", None) or {}
+        crop = defaults.get("crop_to_patches", ip.crop_to_patches)
+        if not crop:
             return 1, 1
         return tile_arrangement(width, height, self._tile_px(), ip.min_patches, ip.max_patches)
 
