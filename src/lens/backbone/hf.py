@@ -283,11 +283,12 @@ class HFBackbone(Backbone):
                 start = int(text_span[0, 0])  # one image, one template: the same start in every prompt
                 if (text_span[:, 0] == start).all() and (input_ids[:, :start] == input_ids[:1, :start]).all():
                     prefix = self._run_prefix(images[0], inputs, start)
+            if prefix is not None and not all(_same_pixels(im, prefix.image) for im in images):
+                raise ValueError("the prompts show another image than this prefix")
+            if prefix is not None and not self._starts_with(input_ids, prefix):
+                prefix = None  # the tokenizer merged the template's last token into a text: run whole
             if prefix is not None:
                 shared = len(prefix.input_ids)
-                same = all(_same_pixels(im, prefix.image) for im in images)
-                if not same or not (input_ids[:, :shared] == prefix.input_ids.to(input_ids.device)).all():
-                    raise ValueError("the prompts do not start with this prefix (another image or template)")
                 hidden = self._run_rest(inputs, position_ids, prefix)
             else:
                 hidden = self._run(self._model_inputs(inputs, position_ids, images))
@@ -302,6 +303,13 @@ class HFBackbone(Backbone):
             geometries=image_geometries(grids, decoder_frame),
             image_index=unique_images(images)[1].to(input_ids.device),
             shared_length=shared,  # 0 unless one image's template + image ran once (shares_prefix)
+        )
+
+    @staticmethod
+    def _starts_with(input_ids: Tensor, prefix: Prefix) -> bool:
+        P = len(prefix.input_ids)
+        return input_ids.shape[1] > P and bool(
+            (input_ids[:, :P] == prefix.input_ids.to(input_ids.device)).all()
         )
 
     def encode_prefix(self, image: Image.Image) -> Prefix | None:
