@@ -293,3 +293,28 @@ def check_from_pretrained(backbone: HFBackbone, directory: str) -> None:
     assert torch.equal(ours.hidden_states, theirs.hidden_states)
     assert torch.equal(ours.image_positions, theirs.image_positions)
     assert ours.geometries == theirs.geometries
+
+
+def check_prefix_sharing(backbone: HFBackbone) -> None:
+    """Prompts on one image: with the template + image run once (computed in ``encode`` or from
+    ``encode_prefix``) the states equal the full model's on every prompt; a prefix of another image is refused."""
+    a, b = random_image(40, 24, seed=0), random_image(24, 56, seed=1)
+    check_early_exit(backbone, [a, a, a], PROMPTS)  # one image, three prompts: shared inside encode
+    plain = backbone.encode([a, a, a], PROMPTS)
+    prefix = backbone.encode_prefix(a)
+    if not backbone.shares_prefix:
+        assert prefix is None and plain.shared_length == 0
+        return
+    assert 0 < plain.shared_length <= int(plain.text_span[:, 0].min())
+    shared = backbone.encode([a, a, a], PROMPTS, prefix=prefix)
+    assert shared.shared_length == plain.shared_length == len(prefix.input_ids)
+    mask = plain.attention_mask
+    torch.testing.assert_close(shared.hidden_states[mask], plain.hidden_states[mask], rtol=1e-5, atol=1e-5)
+    for name in ("position_ids", "image_positions", "grid_sizes", "text_span"):
+        assert torch.equal(getattr(shared, name), getattr(plain, name)), name
+    try:
+        backbone.encode([b], PROMPTS[:1], prefix=prefix)
+    except ValueError as error:
+        assert "prefix" in str(error)
+    else:
+        raise AssertionError("a prefix of another image was accepted")

@@ -16,6 +16,7 @@ from backbone_checks import (
     check_from_pretrained,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
+    check_prefix_sharing,
     check_repeated_images,
     check_round_trip,
     check_scattered_features,
@@ -82,7 +83,9 @@ def _colour_tower(backbone: InternVLBackbone) -> Callable[[], None]:
     class Tower(nn.Module):
         def forward(self, pixel_values: Tensor, **_: object) -> BaseModelOutputWithPooling:
             n, c, h, w = pixel_values.shape
-            tiles = pixel_values.view(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+            h, w = h // patch * patch, w // patch * patch  # a strided patch conv never sees the remainder
+            pixel_values = pixel_values[..., :h, :w]
+            tiles = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
             colour = patch_colours(tiles, ip.image_mean, ip.image_std).flatten(1, 2)  # (n, patches, 3)
             colour = torch.cat([colour[:, :1], colour], 1)  # a CLS token, dropped by the "default" strategy
             return BaseModelOutputWithPooling(last_hidden_state=colour, hidden_states=(colour,) * 3)
@@ -139,3 +142,7 @@ def test_prompts_repeating_an_image_match_the_full_model(backbone):
 
 def test_from_pretrained_loads_a_saved_copy(backbone, tmp_path):
     check_from_pretrained(backbone, str(tmp_path))
+
+
+def test_prompts_on_one_image_share_its_prefix_where_the_family_allows(backbone):
+    check_prefix_sharing(backbone)

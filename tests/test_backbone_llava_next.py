@@ -16,6 +16,7 @@ from backbone_checks import (
     check_from_pretrained,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
+    check_prefix_sharing,
     check_repeated_images,
     check_round_trip,
     check_scattered_features,
@@ -87,7 +88,9 @@ def _colour_tower(backbone: LlavaNextBackbone) -> Callable[[], None]:
     class Tower(nn.Module):
         def forward(self, pixel_values: Tensor, **_: object) -> BaseModelOutputWithPooling:
             n, c, h, w = pixel_values.shape
-            tiles = pixel_values.view(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+            h, w = h // patch * patch, w // patch * patch  # a strided patch conv never sees the remainder
+            pixel_values = pixel_values[..., :h, :w]
+            tiles = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
             colour = patch_colours(tiles, ip.image_mean, ip.image_std).flatten(1, 2)  # (n, cells, 3)
             if cls_token:
                 colour = torch.cat([colour[:, :1], colour], 1)
@@ -176,3 +179,19 @@ def test_prompts_repeating_an_image_match_the_full_model(backbone):
 
 def test_from_pretrained_loads_a_saved_copy(backbone, tmp_path):
     check_from_pretrained(backbone, str(tmp_path))
+
+
+def test_tiles_their_patches_do_not_cover():
+    """18-px tiles of 4-px patches (as SigLIP's 14-px patches on 384-px tiles): 4 cells per tile side, the last
+    2 px unseen. The grid matches the model's token count, and each cell's pixels lie within the affine fit's
+    bound: at most (tile - side * patch) * (side - 0.5) / side canvas px from the cell's mapped centre."""
+    model, processor = build_llava_onevision(tile=18)
+    backbone = LlavaOnevisionBackbone(model, processor, layer=2)
+    sizes = [(40, 24), (24, 56), (36, 36)]
+    check_early_exit(backbone, [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)], PROMPTS)
+    bound = (18 - 16) * 3.5 / 4  # 1.75 canvas px; the canvas is at least as large as these images
+    check_cells_see_their_pixels(backbone, _colour_tower, sizes, tolerance=bound + 0.2)
+
+
+def test_prompts_on_one_image_share_its_prefix_where_the_family_allows(backbone):
+    check_prefix_sharing(backbone)

@@ -16,6 +16,7 @@ from backbone_checks import (
     check_from_pretrained,
     check_grid_frame_matches_encode,
     check_head_mirrors_next_layer,
+    check_prefix_sharing,
     check_repeated_images,
     check_round_trip,
     check_scattered_features,
@@ -190,3 +191,7 @@ def test_prompts_repeating_an_image_match_the_full_model(backbone):
 
 def test_from_pretrained_loads_a_saved_copy(backbone, tmp_path):
     check_from_pretrained(backbone, str(tmp_path))
+
+
+def test_prompts_on_one_image_share_its_prefix_where_the_family_allows(backbone):
+    check_prefix_sharing(backbone)

@@ -53,7 +53,11 @@ CHAT_WORDS = ["user", "assistant", ":", "\n"]
 
 
 def family_tokenizer(
-    words: Iterable[str], specials: Sequence[str], chat_template: str, **special_attrs: str
+    words: Iterable[str],
+    specials: Sequence[str],
+    chat_template: str,
+    padding_side: str = "right",
+    **special_attrs: str,
 ) -> PreTrainedTokenizerFast:
     """A lower-casing word tokenizer over ``words`` plus ``specials`` (each one token, never split).
 
@@ -80,7 +84,7 @@ def family_tokenizer(
         eos_token="</s>",
         **{k: v for k, v in special_attrs.items() if k in named},
         extra_special_tokens={k: v for k, v in special_attrs.items() if k not in named},
-        padding_side="right",
+        padding_side=padding_side,
     )
     fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in ("<unk>",)]})
     fast.chat_template = chat_template
@@ -286,13 +290,15 @@ def build_llava_next(
 
 
 def build_llava_onevision(
-    words: Iterable[str] = TEST_WORDS, seed: int = 0, max_tiles: int = 9
+    words: Iterable[str] = TEST_WORDS, seed: int = 0, max_tiles: int = 9, tile: int = 16
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
     """A random ``LlavaOnevisionForConditionalGeneration`` (SigLIP 16-px tiles, Qwen2 LM) + processor.
 
     ``max_tiles`` is the ``anyres_max_N`` budget: unpadded grids above ~N tiles' worth of cells are
-    bilinearly downsampled by the model, which the adapter's frame must follow.
+    bilinearly downsampled by the model, which the adapter's frame must follow. ``tile`` = 18 makes the 4-px
+    patches leave each tile's last 2 px unseen, as SigLIP's 14-px patches do on 384-px tiles.
     """
+    pinpoints = [[h * tile // 16, w * tile // 16] for h, w in TINY_PINPOINTS]
     tokenizer = family_tokenizer(
         words,
         LLAVA_SPECIALS,
@@ -306,13 +312,13 @@ def build_llava_onevision(
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=16,
+            image_size=tile,
             patch_size=4,
         ),
         text_config=Qwen2Config(**_llava_text(tokenizer)).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=TINY_PINPOINTS,
+        image_grid_pinpoints=pinpoints,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         vision_aspect_ratio=f"anyres_max_{max_tiles}",
@@ -322,7 +328,7 @@ def build_llava_onevision(
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 16, "width": 16}, image_grid_pinpoints=TINY_PINPOINTS
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
     )
     processor = images_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
@@ -348,6 +354,7 @@ def build_internvl(
         words,
         INTERNVL_SPECIALS,
         _template("<IMG_CONTEXT>\n"),
+        padding_side="left",  # as InternVL's processor defaults to; the adapter asks for right padding
         context_image_token="<IMG_CONTEXT>",
         start_image_token="<img>",
         end_image_token="</img>",
@@ -374,7 +381,10 @@ def build_internvl(
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+        # crop_to_patches stays False here: InternVLProcessor turns it on, as for the hub checkpoints
+        size={"height": 32, "width": 32},
+        min_patches=1,
+        max_patches=max_tiles,
     )
     processor = images_only(InternVLProcessor)(
         image_processor=image_processor,

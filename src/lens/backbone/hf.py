@@ -13,6 +13,7 @@ any-resolution packing) is exactly what the head sees.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 
 from lens.backbone.base import (
     Backbone,
@@ -76,6 +77,25 @@ def run_until_input_of(forward: Callable[..., object], layer: nn.Module, **input
 
 
 @dataclass
+class Prefix:
+    """A prompt prefix run once (``HFBackbone.encode_prefix``): the template and image tokens of one image."""
+
+    image: Image.Image  # the image it shows, checked against every prompt that uses it
+    input_ids: Tensor  # (P,) its token ids, checked likewise
+    hidden: Tensor  # (1, P, d) its residual stream after layer k
+    cache: DynamicCache  # its keys / values in layers 1..k (copied, never extended, by each use)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers renamed the KV-cache argument of the forward from past_key_values to cache (5.2x)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a is b or (a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes())
+
+
+@dataclass
 class ImageLayout:
     """Where one prompt's image grid lives: cell n (row-major over (grid_h, grid_w)) is token ``positions[n]``."""
 
@@ -93,6 +113,9 @@ class HFBackbone(Backbone):
     # Tap the input of layer k + 1 instead of the output of layer k (they differ when the stack adds to the
     # residual stream between layers); the last layer's output is tapped when k is the last layer.
     tap_next_input: ClassVar[bool] = False
+    # Prompts on one image may run their common start (template + image) once: only for 1-D RoPE stacks that
+    # add nothing between layers, where a prompt's first P tokens do not depend on what follows them.
+    shares_prefix: ClassVar[bool] = False
     # hub ids this adapter is for -> their decoder depth (for ``lens info``'s default k = fraction * depth)
     HUB_MODELS: ClassVar[dict[str, int]] = {}
 
@@ -163,7 +186,9 @@ class HFBackbone(Backbone):
         unique, index = unique_images(images)
         if len(unique) == len(images):
             return model_inputs
-        vision = self.processor.image_processor([im.convert("RGB") for im in unique], return_tensors="pt")
+        defaults = dict(getattr(self.processor, "images_kwargs", None) or {})  # as the processor passes them
+        rgb = [im.convert("RGB") for im in unique]
+        vision = self.processor.image_processor(rgb, **{**defaults, "return_tensors": "pt"})
         wanted = inspect.signature(self.model.model.get_image_features).parameters
         kwargs = {k: v.to(self.device) for k, v in vision.items() if k in wanted and isinstance(v, Tensor)}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
@@ -200,7 +225,13 @@ class HFBackbone(Backbone):
         if not images:
             raise ValueError("got no images")
         rgb = [image.convert("RGB") for image in images]
-        enc = self.processor(images=rgb, text=self._prompts(instructions), padding=True, return_tensors="pt")
+        enc = self.processor(  # right padding whatever the processor's default (InternVL's is left)
+            images=rgb,
+            text=self._prompts(instructions),
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
         enc = dict(enc)
         enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, Tensor)}
@@ -216,9 +247,12 @@ class HFBackbone(Backbone):
         decoder_frame: DecoderFrameFn | None = None,
         prefix: object | None = None,
     ) -> BackboneFeatures:
-        """Every prompt runs whole (``encode_prefix`` gives None for these families, so ``prefix`` is None)."""
-        if prefix is not None:
-            raise ValueError(f"{type(self).__name__} does not share prompt prefixes; got one")
+        """Families with ``shares_prefix`` run the template + image once when every prompt shows one image
+        (``prefix`` from ``encode_prefix``, or computed here); the others run every prompt whole."""
+        if prefix is not None and not isinstance(prefix, Prefix):
+            raise ValueError(
+                f"{type(self).__name__} got a prefix of another backbone: {type(prefix).__name__}"
+            )
         inputs = self._inputs(images, instructions)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
         n_real = attention_mask.sum(1)  # (B,)
@@ -238,8 +272,26 @@ class HFBackbone(Backbone):
             image_positions[b, : len(lay.positions)] = lay.positions
         grids = [lay.frame for lay in layouts]
         position_ids = self.position_ids(inputs)  # (B, L) or (3, B, L)
+        shared = 0
         with torch.inference_mode():
-            hidden = self._run(self._model_inputs(inputs, position_ids, images))
+            if (
+                prefix is None
+                and self.shares_prefix
+                and len(images) > 1
+                and len(unique_images(images)[0]) == 1
+            ):
+                start = int(text_span[0, 0])  # one image, one template: the same start in every prompt
+                if (text_span[:, 0] == start).all() and (input_ids[:, :start] == input_ids[:1, :start]).all():
+                    prefix = self._run_prefix(images[0], inputs, start)
+            if prefix is not None and not all(_same_pixels(im, prefix.image) for im in images):
+                raise ValueError("the prompts show another image than this prefix")
+            if prefix is not None and not self._starts_with(input_ids, prefix):
+                prefix = None  # the tokenizer merged the template's last token into a text: run whole
+            if prefix is not None:
+                shared = len(prefix.input_ids)
+                hidden = self._run_rest(inputs, position_ids, prefix)
+            else:
+                hidden = self._run(self._model_inputs(inputs, position_ids, images))
         return BackboneFeatures(
             hidden_states=hidden.clone(),  # clone: inference-mode tensors cannot enter autograd
             attention_mask=attention_mask.clone(),
@@ -250,8 +302,57 @@ class HFBackbone(Backbone):
             answer_index=text_span[:, 1] - 1,
             geometries=image_geometries(grids, decoder_frame),
             image_index=unique_images(images)[1].to(input_ids.device),
-            shared_length=0,  # every prompt runs whole: correct for every family (see the family modules)
+            shared_length=shared,  # 0 unless one image's template + image ran once (shares_prefix)
         )
+
+    @staticmethod
+    def _starts_with(input_ids: Tensor, prefix: Prefix) -> bool:
+        P = len(prefix.input_ids)
+        return input_ids.shape[1] > P and bool(
+            (input_ids[:, :P] == prefix.input_ids.to(input_ids.device)).all()
+        )
+
+    def encode_prefix(self, image: Image.Image) -> Prefix | None:
+        """The template + image (every token before the instruction) through layers 1..k, once per image."""
+        if not self.shares_prefix:
+            return None
+        inputs = self._inputs([image], [""])
+        start = int(self.image_tokens(inputs["input_ids"])[0][-1]) + 1  # the first text position
+        with torch.inference_mode():
+            return self._run_prefix(image, inputs, start)
+
+    def _run_prefix(self, image: Image.Image, inputs: dict[str, Tensor], length: int) -> Prefix:
+        """Row 0's first ``length`` tokens (template + image) through layers 1..k, keeping their cache."""
+        cache = DynamicCache()
+        model_inputs = {k: v[:1] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        model_inputs = {k: v[:, :length] for k, v in model_inputs.items()}
+        model_inputs["position_ids"] = self.position_ids(model_inputs)
+        pixels = {k: v for k, v in self._inputs([image], [""]).items() if k not in model_inputs}
+        hidden = run_until(
+            self.model.model,
+            self.decoder_layers[self.layer - 1],
+            **model_inputs,
+            **pixels,
+            **{_cache_kwarg(self.model.model): cache},
+            use_cache=True,
+        )
+        return Prefix(image, model_inputs["input_ids"][0].clone(), hidden.clone(), cache)
+
+    def _run_rest(self, inputs: dict[str, Tensor], position_ids: Tensor, prefix: Prefix) -> Tensor:
+        """(B, L, d): every prompt's tokens after the P shared ones, attending to the prefix's cache."""
+        P, B = len(prefix.input_ids), len(inputs["input_ids"])
+        cache = copy.deepcopy(prefix.cache)
+        cache.reorder_cache(torch.zeros(B, dtype=torch.long, device=prefix.hidden.device))  # (B, kv, P, hd)
+        rest = run_until(  # (B, L - P, d): text tokens only, no image inputs
+            self.model.model,
+            self.decoder_layers[self.layer - 1],
+            input_ids=inputs["input_ids"][:, P:],
+            attention_mask=inputs["attention_mask"],
+            position_ids=position_ids[:, P:],
+            **{_cache_kwarg(self.model.model): cache},
+            use_cache=True,
+        )
+        return torch.cat([prefix.hidden.expand(B, -1, -1), rest], 1)
 
     def _run(self, model_inputs: dict[str, Tensor]) -> Tensor:
         """(B, L, d): the residual stream after decoder layer k, from the full forward stopped there."""

@@ -9,7 +9,8 @@ shuffled (x0.5) into 16 x 16 LLM tokens, row-major, tiles one after another.
 The attention grid is the tiles' cells assembled into one (16 * rows) x (16 * columns) grid of the whole image:
 cell (r, c) is image token ``tile * 256 + (r % 16) * 16 + c % 16`` with ``tile = (r // 16) * columns + c // 16``;
 the thumbnail's tokens are neither grid nor text. A cell covers ``W / gw`` x ``H / gh`` original pixels
-(``GridFrame.resize``). 1-D RoPE; prompts are not prefix-shared (``shared_length = 0``).
+(``GridFrame.resize``). 1-D RoPE: prompts on one image share its template + image tokens (``encode_prefix``;
+``shared_length`` = P); a batch over several images runs every prompt whole (their image token counts differ).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class InternVLBackbone(HFBackbone):
     processor_class: ClassVar[type] = InternVLProcessor
     # LLaVA-1.5's k = 14 of 32 (the paper) as a fraction: k = 12 of InternVL3-8B's 28 Qwen2.5 layers.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    shares_prefix: ClassVar[bool] = True  # 1-D RoPE, nothing added between layers
     HUB_MODELS: ClassVar[dict[str, int]] = {"OpenGVLab/InternVL3-8B-hf": 28}
 
     @property
@@ -64,7 +66,10 @@ class InternVLBackbone(HFBackbone):
 
     def arrangement(self, width: int, height: int) -> tuple[int, int]:
         ip = self.processor.image_processor
-        if not ip.crop_to_patches:
+        # InternVLProcessor passes crop_to_patches=True by default, over the image processor's own setting
+        defaults = getattr(self.processor, "images_kwargs", None) or {}
+        crop = defaults.get("crop_to_patches", ip.crop_to_patches)
+        if not crop:
             return 1, 1
         return tile_arrangement(width, height, self._tile_px(), ip.min_patches, ip.max_patches)
 

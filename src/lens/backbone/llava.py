@@ -88,6 +88,7 @@ class LlavaBackbone(Backbone):
 
     # The paper's k = 14 of LLaVA-1.5-7B's 32 layers: grounding is readable in the middle of the stack.
     DEFAULT_LAYER_FRACTION = 14 / 32
+    HUB_MODELS = {"llava-hf/llava-1.5-7b-hf": 32}  # hub id -> decoder depth, for `lens info`
 
     def __init__(
         self,

@@ -15,7 +15,8 @@ back through the unpadding, the centred padding and the resize, per axis (``cell
 origin that is the unpadded grid's top-left corner in original pixels; it may sit a fraction of a cell
 outside the image where the model's unpadding rounds).
 
-Both use 1-D RoPE; prompts are not prefix-shared (``shared_length = 0``).
+Both use 1-D RoPE: prompts on one image share its template + image tokens (``encode_prefix``; ``shared_length``
+= P); a batch over several images runs every prompt whole (their image token counts differ).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def anyres_frame(
         width, height: original image size.
         pinpoints: the model's ``image_grid_pinpoints``, (height, width) canvases.
         tile: side of one vision-tower tile in pixels (``vision_config.image_size``).
-        patch: the vision tower's patch size: cells per tile side = tile / patch.
+        patch: the vision tower's patch size: cells per tile side = tile // patch.
         max_tiles: OneVision's ``anyres_max_N`` budget (None: LLaVA-NeXT, no shrinking).
     """
     canvas_h, canvas_w = select_best_resolution((height, width), [list(p) for p in pinpoints])
@@ -63,8 +64,12 @@ def anyres_frame(
     else:
         new_w, new_h = min(math.ceil(width * scale_h), canvas_w), canvas_h
     paste_x, paste_y = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
-    # the model's unpad_image on the canvas grid (cells of `patch` canvas pixels)
-    grid_h, grid_w = canvas_h // patch, canvas_w // patch
+    # the model's unpad_image on the canvas grid: tile // patch cells per tile side. When patch does not
+    # divide the tile (SigLIP: 384 / 14 -> 27, the tile's last 6 px unseen) a cell is tile / side canvas px
+    # on average, the best per-axis affine fit (off by < half a cell at a tile's far edge, reset per tile)
+    side = tile // patch
+    pitch = tile / side  # canvas pixels per cell
+    grid_h, grid_w = canvas_h // tile * side, canvas_w // tile * side
     row0 = col0 = 0
     if width / height > grid_w / grid_h:
         kept = int(round(height * (grid_w / width), 7))
@@ -76,10 +81,9 @@ def anyres_frame(
         grid_w -= 2 * col0
     # canvas pixel -> original pixel: (x - paste) * W / new_w
     sx, sy = width / new_w, height / new_h
-    cell_w, cell_h = patch * sx, patch * sy
-    origin_x, origin_y = (col0 * patch - paste_x) * sx, (row0 * patch - paste_y) * sy
+    cell_w, cell_h = pitch * sx, pitch * sy
+    origin_x, origin_y = (col0 * pitch - paste_x) * sx, (row0 * pitch - paste_y) * sy
     if max_tiles is not None:
-        side = tile // patch
         ratio = math.sqrt(grid_h * grid_w / (max_tiles * side**2))
         if ratio > 1.1:  # bilinear (align_corners=False) onto fewer cells over the same extent
             small_h, small_w = int(grid_h // ratio), int(grid_w // ratio)
@@ -95,6 +99,7 @@ class LlavaNextBackbone(HFBackbone):
     processor_class: ClassVar[type] = LlavaNextProcessor
     # LLaVA-1.5's k = 14 of 32 (the paper): LLaVA-NeXT keeps LLaVA-1.5's recipe on a 32-layer LM.
     DEFAULT_LAYER_FRACTION: ClassVar[float] = 14 / 32
+    shares_prefix: ClassVar[bool] = True  # 1-D RoPE, nothing added between layers
     HUB_MODELS: ClassVar[dict[str, int]] = {"llava-hf/llava-v1.6-mistral-7b-hf": 32}
 
     def max_tiles(self) -> int | None:
