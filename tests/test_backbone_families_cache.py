@@ -10,7 +10,8 @@ import torch
 
 from backbone_checks import box_mask, random_image
 from lens.backbone import BACKBONES
-from lens.cache import CachedDataset, CacheKey, build_cache, lens_inputs, stack_cached
+from lens.batches import lens_inputs
+from lens.cache import CachedDataset, CacheKey, build_cache, stack_cached
 from lens.config import LensConfig
 from lens.data.loader import QueryDataset
 from lens.data.types import Sample
