@@ -15,6 +15,7 @@ from lens.cache import (
     MANIFEST_NAME,
     SHARD_NAME,
     CachedDataset,
+    CachedRow,
     CacheKey,
     _item_batches,
     build_cache,
@@ -204,21 +205,30 @@ def test_stack_cached_takes_3d_positions_mixed_grids_and_tuple_embeddings():
     """What a Qwen-style backbone and a SAM 2-style decoder cache: (3, L) positions, per-row grids, two tensors."""
     from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
 
-    def row(n: int, grid: tuple[int, int], image: int) -> dict:
+    def row(n: int, grid: tuple[int, int], image: int) -> CachedRow:
         gh, gw = grid
         g = ImageGeometry(GridFrame.resize(30, 20, gh, gw), DecoderFrame.stretch(30, 20, 64))
-        return {
-            "image_id": ("cache", 0, image),
-            "hidden_states": torch.randn(n, 8),
-            "position_ids": torch.stack([torch.arange(n), torch.arange(n) * 2, torch.arange(n) * 3]),
-            "grid_size": torch.tensor(grid),
-            "image_positions": 1 + torch.arange(gh * gw),
-            "text_span": torch.tensor([1 + gh * gw, n]),
-            "answer_index": torch.tensor(n - 1),
-            "decoder_embedding": (torch.randn(4, 2, 2), torch.randn(2, 4, 4)),
-            "geometry": g,
-            "mask": np.zeros((20, 30), np.uint8),
-        }
+        return CachedRow(
+            instruction="q",
+            mask=np.zeros((20, 30), np.uint8),
+            query="q",
+            name="q",
+            source="toy",
+            is_sentence=False,
+            kind="",
+            held_out=False,
+            index=image,
+            part=0,
+            image_id=("cache", 0, image),
+            hidden_states=torch.randn(n, 8),
+            position_ids=torch.stack([torch.arange(n), torch.arange(n) * 2, torch.arange(n) * 3]),
+            grid_size=torch.tensor(grid),
+            image_positions=1 + torch.arange(gh * gw),
+            text_span=torch.tensor([1 + gh * gw, n]),
+            answer_index=torch.tensor(n - 1),
+            decoder_embedding=(torch.randn(4, 2, 2), torch.randn(2, 4, 4)),
+            geometry=g,
+        )
 
     rows = [row(12, (2, 3), 0), row(9, (1, 2), 1)]
     f = stack_cached(rows).features
@@ -228,4 +238,4 @@ def test_stack_cached_takes_3d_positions_mixed_grids_and_tuple_embeddings():
     assert f.grid_sizes.tolist() == [[2, 3], [1, 2]] and f.max_grid == (2, 3)
     embeddings = stack_cached(rows).decoder_embeddings
     assert isinstance(embeddings, tuple) and [e.shape for e in embeddings] == [(2, 4, 2, 2), (2, 2, 4, 4)]
-    assert torch.equal(embeddings[1][1], rows[1]["decoder_embedding"][1])
+    assert torch.equal(embeddings[1][1], rows[1].decoder_embedding[1])

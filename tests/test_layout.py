@@ -9,8 +9,9 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "lens"
 WORLD = ("lens.data.synthetic", "lens.world")
-# the world itself, and the two front-ends that run it on purpose (`lens demo`, `lens export-world`)
-OUTSIDE_CORE = ("data/synthetic/", "world/", "demo.py", "cli.py")
+# the world itself, and the front-ends that show it on purpose (`lens demo`, `lens export-world`, the web app's
+# one-click example scenes)
+OUTSIDE_CORE = ("data/synthetic/", "world/", "demo.py", "cli.py", "serve/web.py")
 
 
 def _imports(path: Path) -> set[str]:
