@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -98,3 +100,18 @@ def test_model_for_the_cache_resolves_the_shipped_assets(lens_model):
     lean = build_lens_for_cache(lens_model.config)
     assert lean.backbone.layer_spec() == lens_model.backbone.layer_spec()
     assert lean.trainable_state_dict().keys() == lens_model.trainable_state_dict().keys()
+
+
+def test_the_regenerate_config_holds_the_shipped_heads_recipe():
+    """`lens train configs/synthetic.yaml` trains with exactly the settings saved beside the shipped head."""
+    import dataclasses
+
+    from lens.config import LensConfig
+    from lens.weights import checkpoint_config
+
+    _, shipped = checkpoint_config("lens:synthetic/lens")
+    regenerate = LensConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml")
+    for section in ("backbone", "head", "keypoints", "descriptor", "decoder", "loss", "train"):
+        assert dataclasses.asdict(getattr(regenerate, section)) == dataclasses.asdict(
+            getattr(shipped, section)
+        )
