@@ -42,15 +42,16 @@ def main(
 # lens.errors.InvalidInput (and its InvalidConfig / InvalidCheckpoint / ImageNotFound) are ValueErrors.
 USER_ERRORS = (OSError, ValueError)
 INTERRUPTED = "interrupted; rerun the same command to resume"
+INTERRUPTED_TRAIN = "interrupted; rerun the same command with --resume to resume"
 Positive = typer.Option(min=1)
 
 
-def _run(job, *args, **kwargs):
+def _run(job, *args, interrupted: str = INTERRUPTED, **kwargs):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return job(*args, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C: every long command is resumable, so say so instead of a traceback
-        console.print(INTERRUPTED, soft_wrap=True, markup=False)
+        console.print(interrupted, soft_wrap=True, markup=False)
         raise typer.Exit(code=130) from None
     except USER_ERRORS as error:
         message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever it held
@@ -147,7 +148,7 @@ def train(
             overwrite=overwrite,
         )
 
-    _run(job)
+    _run(job, interrupted=INTERRUPTED if resume else INTERRUPTED_TRAIN)
 
 
 @app.command("eval")
