@@ -3,7 +3,8 @@ are finite and inside the image.
 
 Written against public behaviour only (the documented contracts of ``nms``, ``extract_keypoints``,
 ``ImageGeometry``). RE-CHECK AFTER MERGING `contracts`, which rewrites keypoints.py / geometry.py
-internals: the imports and call signatures below are the ones on main at eb8b5c5.
+internals: geometry goes through tests/geometry_compat.py (either API); the end-to-end keypoint property is
+a strict xfail on main that `contracts`' "Keypoints stay on the image" should fix (then remove the mark).
 """
 
 import math
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lens.geometry import ImageGeometry, sam_preprocess_shape
+from geometry_compat import decoder_shape, grid_to_decoder, make_geometry
 from lens.images import MIN_SIDE
 from lens.keypoints import MAX_OFFSET, extract_keypoints, nms
 
@@ -88,13 +89,12 @@ grids = st.integers(1, 64)
 
 
 @SETTINGS
-@given(
-    image_sides, image_sides, grids, grids, st.sampled_from([336, 448, 1024]), st.sampled_from([256, 1024])
-)
+@given(image_sides, image_sides, grids, grids, st.sampled_from([256, 1024]))
 def test_geometry_maps_stay_finite_and_image_points_map_inside_sam_frame(
-    width: int, height: int, gh: int, gw: int, mllm: int, sam: int
+    width: int, height: int, gh: int, gw: int, sam: int
 ) -> None:
-    g = ImageGeometry(width, height, grid_h=gh, grid_w=gw, mllm_size=mllm, sam_size=sam)
+    assume(min(width, height) * sam / max(width, height) >= 1)  # the image keeps a pixel in the decoder frame
+    g = make_geometry(width, height, gh, gw, sam)
     rng = np.random.default_rng(width * 7 + height)
     pixels = torch.tensor(rng.uniform(0, [width, height], (64, 2)), dtype=torch.float64)  # inside the image
     pixels = torch.cat([pixels, torch.tensor([[0.0, 0.0], [width, height], [0.0, height], [width, 0.0]])])
@@ -104,8 +104,8 @@ def test_geometry_maps_stay_finite_and_image_points_map_inside_sam_frame(
     assert (grid[:, 0] >= -0.5 - 1e-9).all() and (grid[:, 0] <= gw - 0.5 + 1e-9).all()
     assert (grid[:, 1] >= -0.5 - 1e-9).all() and (grid[:, 1] <= gh - 0.5 + 1e-9).all()
     torch.testing.assert_close(g.grid_to_image(grid), pixels)
-    in_sam = g.grid_to_sam(grid)
-    new_h, new_w = sam_preprocess_shape(height, width, sam)
+    in_sam = grid_to_decoder(g, grid)
+    new_h, new_w = decoder_shape(height, width, sam)
     assert torch.isfinite(in_sam).all()
     assert (
         (in_sam >= -1e-6).all()
@@ -119,7 +119,7 @@ def test_geometry_maps_stay_finite_and_image_points_map_inside_sam_frame(
 @given(st.integers(1, 300), st.integers(1, 300), grids, grids, st.data())
 def test_mask_to_grid_is_a_coverage_fraction(width: int, height: int, gh: int, gw: int, data) -> None:
     assume(width * height <= 40_000)
-    g = ImageGeometry(width, height, grid_h=gh, grid_w=gw)
+    g = make_geometry(width, height, gh, gw)
     mask = torch.from_numpy(
         data.draw(arrays(np.uint8, (height, width), elements=st.sampled_from([0, 1, 255])))
     )
@@ -127,7 +127,8 @@ def test_mask_to_grid_is_a_coverage_fraction(width: int, height: int, gh: int, g
     assert cover.shape == (gh, gw) and torch.isfinite(cover).all()
     assert (cover >= -1e-6).all() and (cover <= 1 + 1e-6).all()
     # total covered area is preserved: sum over cells x cell area = target pixels
-    cell_area = (g.square_side / gh) * (g.square_side / gw)
+    side = max(width, height)  # LLaVA-1.5 pads to a square
+    cell_area = (side / gh) * (side / gw)
     assert math.isclose(
         float(cover.double().sum()) * cell_area, float((mask == 1).sum()), rel_tol=1e-4, abs_tol=1e-2
     )
@@ -136,7 +137,7 @@ def test_mask_to_grid_is_a_coverage_fraction(width: int, height: int, gh: int, g
 @SETTINGS
 @given(st.integers(1, 400), st.integers(1, 400), st.floats(-EXTREME, EXTREME, width=32))
 def test_postprocessed_masks_are_finite_at_image_size(width: int, height: int, fill: float) -> None:
-    g = ImageGeometry(width, height, sam_size=256)
+    g = make_geometry(width, height, 24, 24, 256)
     low_res = torch.full((2, 64, 64), fill)
     low_res[1, ::3] = -fill
     out = g.postprocess_masks(low_res)

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
-from lens.geometry import ImageGeometry
+from geometry_compat import make_geometry
 from lens.model import Prediction
 from lens.visualize import MASK_COLOUR, lens_figure, overlay_mask
 
@@ -25,7 +25,7 @@ def _prediction(width: int, height: int) -> Prediction:
         keypoints=np.array([[width / 4, height / 2], [3 * width / 4, height / 2]]),
         keypoints_inside=np.array([True, False]),
         attention_map=attention,
-        geometry=ImageGeometry(width, height, grid_h=12, grid_w=12),
+        geometry=make_geometry(width, height, 12, 12),
     )
 
 

@@ -70,7 +70,7 @@ def test_sigint_during_eval(tmp_path: Path) -> None:
 def test_sigint_during_cache(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     config = tmp_path / "c.yaml"
-    config.write_text(CONFIG.read_text() + "      eval_scenes: 4\n")  # data.datasets.synthetic
+    config.write_text(CONFIG.read_text().replace("      seed: 0\n", "      seed: 0\n      eval_scenes: 4\n"))
     command = ["cache", str(config), "--cache-root", str(root), "--splits", "val", "--shard-size", "1"]
     _interrupt_when([*command, "--batch-size", "1"], lambda: any(root.rglob("shard_00000.safetensors")))
     assert any(root.rglob("manifest.json"))
