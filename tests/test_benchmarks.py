@@ -45,3 +45,22 @@ def test_train_step_runs_on_the_shipped_world(cached):
 def test_train_memory_counts_parameters_without_a_gpu():
     out = _run("train_memory.py")
     assert "trainable total" in out and "mllm (frozen)" in out
+
+
+@pytest.mark.slow
+def test_train_loop_runs_from_the_cache_with_a_worker():
+    config = str(REPO / "configs" / "synthetic.yaml")
+    out = _run(
+        "train_loop.py",
+        "--config",
+        config,
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--modes",
+        "cached",
+        "--workers",
+        "1",
+    )
+    assert "cached     1 worker(s):" in out and "a step" in out
