@@ -149,7 +149,9 @@ def test_too_small_image_is_named_with_its_size(tmp_path: Path) -> None:
     Image.new("RGB", (3, 2000)).save(path)
     with pytest.raises(InvalidInput, match=f"sliver.png: 3x2000 is too small.*{MIN_SIDE} px"):
         load_image(path)
-    assert load_image(np.zeros((MIN_SIDE, 2000, 3), np.uint8)).size == (2000, MIN_SIDE)
+    assert load_image(np.zeros((MIN_SIDE, 800, 3), np.uint8)).size == (800, MIN_SIDE)
+    with pytest.raises(InvalidInput, match="16x2000 is more elongated than 100:1"):
+        load_image(np.zeros((2000, 16, 3), np.uint8))
 
 
 def test_validate_query() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -42,20 +43,25 @@ def main(
 # lens.errors.InvalidInput (and its InvalidConfig / InvalidCheckpoint / ImageNotFound) are ValueErrors.
 USER_ERRORS = (OSError, ValueError)
 INTERRUPTED = "interrupted; rerun the same command to resume"
+INTERRUPTED_TRAIN = "interrupted; rerun the same command with --resume to resume"
 Positive = typer.Option(min=1)
 
 
-def _run(job, *args, **kwargs):
+def _run(job, *args, interrupted: str = INTERRUPTED, **kwargs):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    message = None
     try:
         return job(*args, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C: every long command is resumable, so say so instead of a traceback
-        console.print(INTERRUPTED, soft_wrap=True, markup=False)
-        raise typer.Exit(code=130) from None
+        message, code = Text(interrupted), 130
     except USER_ERRORS as error:
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever it held
-        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        text = " ".join(str(error).split()) or type(error).__name__  # one line, whatever it held
+        message, code = Text.assemble(("error: ", "bold red"), text), 2
+    # Outside the except block the failed job's frames are freed, so their progress bars close (and print)
+    # now, before the message: it stays the last line.
+    gc.collect()
+    console.print(message, soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 def _device(name: str) -> str:
@@ -169,7 +175,7 @@ def train(
             overwrite=overwrite,
         )
 
-    _run(job)
+    _run(job, interrupted=INTERRUPTED if resume else INTERRUPTED_TRAIN)
 
 
 @app.command("eval")

@@ -9,6 +9,8 @@ clips 16-bit values to white). Anything that cannot be converted unambiguously i
 Decisions (documented in SECURITY.md and docs/reliability.md):
   - Images larger than ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``) are refused before decoding, so a
     decompression bomb costs nothing; ``max_pixels=None`` lifts the limit (up to PIL's own, 2 x 89 MP).
+  - Images more elongated than ``MAX_ASPECT``:1 are refused: their short side would round to nothing in
+    the decoder's input.
   - Images with a side shorter than ``MIN_SIDE`` are refused (not padded): the MLLM's processor cannot tell
     a 3-pixel-high image from a channels-first one, and padding would invent content.
   - Alpha is dropped (as ``convert("RGB")`` and the reference's ``cv2.imread`` do).
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 10,000 x 10,000; a 48 MP phone photo fits twice
 MIN_SIDE = 8  # pixels; shorter sides are refused (see the module docstring)
+MAX_ASPECT = 100  # longest / shortest side; beyond it the short side vanishes in SAM's 1024-px input
 IMAGE_PLACEHOLDERS = ("<image>",)  # strings the MLLM's processor expands into image tokens
 TEMPLATE_MARGIN = 64  # tokens kept free for the chat template around a query
 CHANNELS = (1, 3, 4)  # gray, RGB, RGBA
@@ -106,6 +109,8 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> Non
         raise InvalidInput(
             f"{name}: {width}x{height} is too small; both sides must be at least {MIN_SIDE} px"
         )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InvalidInput(f"{name}: {width}x{height} is more elongated than {MAX_ASPECT}:1; crop it first")
 
 
 def _finish(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:

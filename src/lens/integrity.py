@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,18 @@ def model_identity(trainable: dict[str, torch.Tensor], config: dict[str, Any]) -
     digest = hashlib.sha256(state_hash(trainable).encode())
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:  # every class or function lookup: refused
+        raise InvalidCheckpoint(f"refusing to unpickle {module}.{name}: only plain data is accepted")
+
+
+def load_plain_pickle(path: str | Path) -> Any:
+    """A pickle of plain data only (dicts, lists, str, numbers, as REFER's ``refs(*).p``): any class, function
+    or ``__reduce__`` payload is refused before it runs, naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            return _PlainUnpickler(handle, encoding="latin1").load()
+    except InvalidCheckpoint as err:
+        raise InvalidCheckpoint(f"{path}: {err}") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -24,6 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from lens.data.types import Sample
+from lens.integrity import load_plain_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ def _load_refs(path: Path, split: str) -> list[dict[str, Any]]:
     if not path.is_file():
         found = sorted(p.name for p in path.parent.glob("refs(*).p")) if path.parent.is_dir() else []
         raise FileNotFoundError(f"REFER refs file {path} not found; refs files there: {found}")
-    # pickle only because upstream REFER ships the refs as pickle; never point this at untrusted files
-    with path.open("rb") as f:
-        refs = pickle.load(f)
+    # upstream REFER ships the refs as pickle: read as plain data only, so no class or code can run
+    refs = load_plain_pickle(path)
     for i, ref in enumerate(refs):
         missing = [k for k in REF_KEYS if k not in ref]
         if missing:
