@@ -84,8 +84,8 @@ def load_lens_weights(model: LensModel, path: str | Path) -> LensModel:
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LENS weights at {file}")
-    _check_decoder(model, file, path / CONFIG_NAME if path.is_dir() else file.parent / CONFIG_NAME)
     try:
+        _check_decoder(model, file, path / CONFIG_NAME if path.is_dir() else file.parent / CONFIG_NAME)
         state = load_file(str(file), device=str(model.device))
     except (SafetensorError, OSError) as err:  # truncated, or not safetensors at all: name the file
         raise InvalidCheckpoint(f"{file} is not a readable safetensors file ({err})") from None
