@@ -42,7 +42,7 @@ SEGMENT = (
 DIALOGUE = (
     "how many shapes do you count here?",
     "tell me what the background looks like.",
-    "is there anything red in this picture?",
+    "tell me if anything here is red.",
     "which colours can you spot?",
     "say something about this image.",
     "are there more than three objects?",
