@@ -48,7 +48,7 @@ DIALOGUE = (
     "are there more than three objects?",
 )
 FOLLOW_UP = (
-    "what colour is the thing you just marked?",
+    "tell me the colour of what you just marked.",
     "is the highlighted object small or large?",
     "what shape did you segment?",
     "where in the image is the one you outlined?",
