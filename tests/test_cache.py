@@ -193,3 +193,34 @@ def test_cache_batches_never_split_an_item():
     items = [[1, 2], [3], [4], [5, 6, 7], []]
     assert _item_batches(items, 2) == [[1, 2], [3, 4], [5, 6, 7]]
     assert _item_batches(items, 8) == [[1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_stack_cached_takes_3d_positions_mixed_grids_and_tuple_embeddings():
+    """What a Qwen-style backbone and a SAM 2-style decoder cache: (3, L) positions, per-row grids, two tensors."""
+    from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
+
+    def row(n: int, grid: tuple[int, int], image: int) -> dict:
+        gh, gw = grid
+        g = ImageGeometry(GridFrame.resize(30, 20, gh, gw), DecoderFrame.stretch(30, 20, 64))
+        return {
+            "image_id": ("cache", 0, image),
+            "hidden_states": torch.randn(n, 8),
+            "position_ids": torch.stack([torch.arange(n), torch.arange(n) * 2, torch.arange(n) * 3]),
+            "grid_size": torch.tensor(grid),
+            "image_positions": 1 + torch.arange(gh * gw),
+            "text_span": torch.tensor([1 + gh * gw, n]),
+            "answer_index": torch.tensor(n - 1),
+            "decoder_embedding": (torch.randn(4, 2, 2), torch.randn(2, 4, 4)),
+            "geometry": g,
+            "mask": np.zeros((20, 30), np.uint8),
+        }
+
+    rows = [row(12, (2, 3), 0), row(9, (1, 2), 1)]
+    f = stack_cached(rows).features
+    assert f.position_ids.shape == (3, 2, 12)
+    assert f.position_ids[:, 1, 9:].tolist() == [[9, 10, 11], [17, 18, 19], [25, 26, 27]]  # pads continue
+    assert f.image_positions.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, -1, -1, -1, -1]]
+    assert f.grid_sizes.tolist() == [[2, 3], [1, 2]] and f.max_grid == (2, 3)
+    embeddings = stack_cached(rows).decoder_embeddings
+    assert isinstance(embeddings, tuple) and [e.shape for e in embeddings] == [(2, 4, 2, 2), (2, 2, 4, 4)]
+    assert torch.equal(embeddings[1][1], rows[1]["decoder_embedding"][1])

@@ -335,11 +335,11 @@ def test_resize_frame_round_trips_and_conserves_area(width: int, height: int, gh
 
 def test_stretch_frame_matches_hf_sam2_processor() -> None:
     """SAM 2: 1024 x 1024 stretch; points scale per axis, masks resize straight to the original size."""
-    sam2 = pytest.importorskip("transformers.models.sam2.image_processing_sam2")
     frame = DecoderFrame.stretch(200, 100, 1024)
     torch.testing.assert_close(
         frame.image_to_decoder(torch.tensor([100.0, 50.0])), torch.tensor([512.0, 512.0])
     )
+    sam2 = pytest.importorskip("transformers.models.sam2.image_processing_sam2")  # needs torchvision
     low_res = torch.randn(1, 2, 256, 256, generator=torch.Generator().manual_seed(5))
     (expected,) = sam2.Sam2ImageProcessor().post_process_masks([low_res], [(100, 200)], binarize=False)
     torch.testing.assert_close(frame.postprocess_masks(low_res), expected)

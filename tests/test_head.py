@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -54,13 +55,18 @@ def test_layer_matches_hf_llama_decoder_layer():
         assert (probs is not None) == need_probs
 
 
-def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients():
+@pytest.mark.parametrize("rope", [RopeSpec(), RopeSpec("mrope", 1e4, (2, 1, 1))])
+def test_shared_image_prefix_runs_once_with_the_same_result_and_gradients(rope: RopeSpec):
     """Three prompts, the first and last on one image: running their shared first P tokens once per image
-    must give what the plain forward gives, outputs and gradients alike."""
+    must give what the plain forward gives, outputs and gradients alike (1-D and 3-D position ids)."""
     hidden, attention_mask, positions, image_positions, text_span = _inputs(B=3, text_end=(12, 10, 11))
+    if rope.kind != "default":  # (t, h, w) ids: the 2 x 3 image cells get their row / column, text runs on
+        positions = torch.stack([positions, positions, positions]).clone()
+        positions[1, :, 2:8] = 2 + torch.arange(6) // 3
+        positions[2, :, 2:8] = 2 + torch.arange(6) % 3
     P = 8  # template (2 tokens) + 6 image tokens; the text starts here
     hidden[2, :P] = hidden[0, :P]  # same image, same template
-    head = SegmentationHead(SPEC)
+    head = SegmentationHead(dataclasses.replace(SPEC, rope=rope))
     outputs, grads = [], []
     for index, shared in ((None, 0), (torch.tensor([0, 1, 0]), P)):
         x = hidden.clone().requires_grad_()

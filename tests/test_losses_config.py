@@ -32,14 +32,35 @@ def test_attention_loss_by_hand():
     assert abs(float(attention_loss(a, m)) - expected) < 1e-6
 
 
-def test_total_is_weighted_sum():
-    logits = [torch.randn(4, 5)]
-    target = [torch.randint(0, 2, (4, 5), dtype=torch.uint8)]
-    a, m = torch.rand(1, 2, 2), torch.rand(1, 2, 2)
-    out = lens_loss(logits, target, a, m, LossConfig(dice_weight=2, bce_weight=4, attention_weight=1))
-    torch.testing.assert_close(
-        out["loss"], 2 * out["dice_loss"] + 4 * out["bce_loss"] + out["attention_loss"]
+def test_total_loss_by_hand():
+    """Two samples of different sizes (one pixel ignored) and a padded A_c with one excluded cell, every term
+    written out with math; weights (0.5, 3, 7) so each term's weight shows."""
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    def dice(probs: list[float], truth: list[int]) -> float:
+        inter = sum(p * t for p, t in zip(probs, truth, strict=True))
+        return 1 - (2 * inter / 1000 + 1e-6) / ((sum(probs) + sum(truth)) / 1000 + 1e-6)
+
+    logits = [torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5], [3.0]])]
+    targets = [torch.tensor([[1, 0]], dtype=torch.uint8), torch.tensor([[255], [1]], dtype=torch.uint8)]
+    a = torch.tensor([[[0.6, 0.1]], [[0.3, 0.99]]])
+    m = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    cells = torch.tensor([[[True, True]], [[True, False]]])  # sample 2's grid is one cell: 0.99 is padding
+    out = lens_loss(
+        logits, targets, a, m, LossConfig(dice_weight=0.5, bce_weight=3, attention_weight=7), cells
     )
+    dice_terms = [dice([sig(2.0), sig(-1.0)], [1, 0]), dice([sig(3.0)], [1])]
+    bce_terms = [-(math.log(sig(2.0)) + math.log(1 - sig(-1.0))) / 2, -math.log(sig(3.0))]
+    attention = -(math.log(0.6) + math.log(0.9) + math.log(0.7)) / 3
+    expected = {
+        "dice_loss": sum(dice_terms) / 2,
+        "bce_loss": sum(bce_terms) / 2,
+        "attention_loss": attention,
+        "loss": 0.5 * sum(dice_terms) / 2 + 3 * sum(bce_terms) / 2 + 7 * attention,
+    }
+    assert {k: float(v) for k, v in out.items()} == pytest.approx(expected, rel=1e-5)
 
 
 def test_paper_defaults():

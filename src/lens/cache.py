@@ -78,19 +78,10 @@ class CacheKey:
         b, d = config.backbone, config.decoder
         template = prompt_template_id(train, seed)
         scenes = config.data.synthetic_eval_scenes if dataset == SYNTHETIC and not train else None
-        return cls(
-            b.model_id,
-            b.revision,
-            b.layer,
-            b.dtype,
-            d.model_id,
-            d.revision,
-            template,
-            dataset,
-            split,
-            scenes,
-            d.name,
+        key = cls(
+            b.model_id, b.revision, b.layer, b.dtype, d.model_id, d.revision, template, dataset, split, scenes
         )
+        return dataclasses.replace(key, decoder=d.name)
 
     def check(self, found: dict[str, Any], where: str | Path) -> None:
         """Raise ``ValueError`` naming every field where ``found`` (a manifest's key) differs from this key."""

@@ -3,7 +3,7 @@
 For keypoint i, the start-of-answer feature f_s asks its p×p neighbourhood of layer-2 features "is this the
 target?" by cross-attention, giving a local description d_i. Then f_s and all d_i self-attend, so the
 global description can arbitrate between overlapping or redundant keypoints, and everything is projected to
-SAM's prompt width: D = [f_s; d_1..d_m], of shape (m + 1, d_s).
+the mask decoder's prompt width: D = [f_s; d_1..d_m], of shape (m + 1, d_s).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ class Block(nn.Module):
 
 
 class KeypointDescriptor(nn.Module):
-    """(f_s, keypoint neighbourhoods, validity) -> descriptions D for SAM's mask decoder.
+    """(f_s, keypoint neighbourhoods, validity) -> descriptions D for the mask decoder.
 
     Arguments:
         dim: width of the backbone features (d).
-        out_dim: SAM's prompt width (d_s, 256).
+        out_dim: the decoder's prompt width (d_s; 256 for SAM).
         num_heads: attention heads of both attention steps.
         global_only_prob: S1.4's training-time dropout: with this probability per sample, keypoint
-            descriptions are dropped and only the global description prompts SAM.
+            descriptions are dropped and only the global description prompts the decoder.
     """
 
     def __init__(self, dim: int, out_dim: int, num_heads: int = 8, global_only_prob: float = 0.5):

@@ -1,7 +1,7 @@
 """Building is separate from loading: ``build_lens`` makes a model from a config (frozen parts pretrained,
 trainable parts fresh), ``load_lens_weights`` fills the trainable parts from a safetensors file.
 
-``build_lens_for_cache`` builds the same model without the frozen MLLM and SAM image encoder, for training
+``build_lens_for_cache`` builds the same model without the frozen MLLM and the decoder's image encoder, for training
 and evaluating on a feature cache (``lens.cache``).
 
 A LENS checkpoint is a directory with ``lens_config.yaml`` and ``model.safetensors`` holding only the
@@ -169,7 +169,7 @@ def strip_frozen_encoders(model: LensModel) -> LensModel:
 
 
 def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
-    """A LENS model for cached features: SAM's prompt encoder and mask decoder, the head, no MLLM in memory."""
+    """A LENS model for cached features: the decoder without its image encoder, the head, no MLLM in memory."""
     if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
         return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
     decoder = _load_decoder(config)

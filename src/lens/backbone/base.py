@@ -162,6 +162,20 @@ class Backbone(nn.Module):
     """A frozen MLLM seen through the head's eyes. Subclasses implement the four members below."""
 
     layer: int  # k, 1-based
+    # k when from_pretrained gets layer=None: round(fraction * number of decoder layers); each adapter says why
+    DEFAULT_LAYER_FRACTION: float
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        layer: int | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ) -> Backbone:
+        """The frozen MLLM from a hub id or local directory, tapped at ``layer`` (None: the family default)."""
+        raise NotImplementedError
 
     def encode(
         self,
