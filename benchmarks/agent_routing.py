@@ -42,13 +42,13 @@ SEGMENT = (
 DIALOGUE = (
     "how many shapes do you count here?",
     "tell me what the background looks like.",
-    "is there anything red in this picture?",
+    "tell me if anything here is red.",
     "which colours can you spot?",
     "say something about this image.",
     "are there more than three objects?",
 )
 FOLLOW_UP = (
-    "what colour is the thing you just marked?",
+    "tell me the colour of what you just marked.",
     "is the highlighted object small or large?",
     "what shape did you segment?",
     "where in the image is the one you outlined?",

@@ -202,3 +202,26 @@ def test_cli_chat_and_segment(tmp_path, image):
     assert (tmp_path / "m.png").is_file() and '"query": "the hexagon"' in result.stdout
     result = runner.invoke(app, ["segment", str(tmp_path / "missing.png"), "x", "--device", "cpu"])
     assert result.exit_code == 2 and "no image at" in result.output
+
+
+def test_the_benchmark_phrasings_are_held_out_of_every_template():
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import agent_routing
+
+    from lens.data.synthetic.language import REASONING_LONG, VQA_TEMPLATES
+    from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
+
+    def frame(text: str) -> str:  # a template's fixed words, placeholders removed
+        return re.sub(r"\s+", " ", re.sub(r"\{[a-z_]+\}", " ", text.lower())).strip(" .?")
+
+    templates = [*REASONING_LONG, *SHORT_QUESTION_TEMPLATES, *LONG_QUESTION_TEMPLATES]
+    templates += [t for ts in VQA_TEMPLATES.values() for t in ts]
+    held_out = [*agent_routing.SEGMENT, *agent_routing.DIALOGUE, *agent_routing.FOLLOW_UP]
+    for phrase in held_out:
+        for template in templates:
+            assert frame(phrase) != frame(template), (phrase, template)
+            assert frame(template) not in frame(phrase) or len(frame(template)) < 4, (phrase, template)

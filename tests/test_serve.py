@@ -145,6 +145,7 @@ def test_concurrent_requests_are_batched_and_never_mixed_up(url, pipe, scenes):
     assert requests == len(jobs) and batches < requests  # some forward passes served several requests
 
 
+@pytest.mark.slow  # each forward pass is made to take 1.5 s
 def test_requests_beyond_the_bound_get_503_promptly(pipe, scenes):
     class Slow(LensPipeline):
         def batch(self, requests):
