@@ -74,15 +74,15 @@ def report(calibrator: PresenceCalibrator, rows: dict) -> dict:
         ),
         "target_recall": float((decided & truth).sum() / truth.sum()),
         "no_target_recall": float((~decided & ~truth).sum() / (~truth).sum()),
-        "sam_iou_only_balanced_accuracy": sam_iou_baseline(rows),
+        "iou_score_only_balanced_accuracy": iou_score_baseline(rows),
         "giou_ciou_without_presence": plain.compute(),
         "giou_ciou_with_presence": gated.compute(),
     }
 
 
-def sam_iou_baseline(rows: dict) -> float:
+def iou_score_baseline(rows: dict) -> float:
     """Best balanced accuracy any threshold on SAM's IoU head alone reaches (an upper bound for it)."""
-    iou, truth = rows["x"][:, PRESENCE_FEATURES.index("sam_iou")], rows["present"]
+    iou, truth = rows["x"][:, PRESENCE_FEATURES.index("iou_score")], rows["present"]
     best = 0.0
     for t in np.unique(iou):
         d = iou >= t

@@ -74,11 +74,11 @@ def test_presence_is_a_logistic_model_of_the_named_features(pipe, scene):
     prediction = pipe.model.predict(Image.fromarray(scene.image), instruction("the red ring"))
     features = presence_features(prediction)
     assert features["max_logit"] == pytest.approx(float(prediction.mask_logits.max()))
-    assert features["sam_iou"] == pytest.approx(prediction.score)
+    assert features["iou_score"] == pytest.approx(prediction.score)
     calibrator = PresenceCalibrator(
-        ["max_logit", "sam_iou"], [0.5, -2.0], 0.25, mean=[1.0, 0.0], std=[2.0, 1.0]
+        ["max_logit", "iou_score"], [0.5, -2.0], 0.25, mean=[1.0, 0.0], std=[2.0, 1.0]
     )
-    z = 0.5 * (features["max_logit"] - 1.0) / 2.0 - 2.0 * features["sam_iou"] + 0.25
+    z = 0.5 * (features["max_logit"] - 1.0) / 2.0 - 2.0 * features["iou_score"] + 0.25
     assert calibrator.probability(prediction) == pytest.approx(1 / (1 + math.exp(-z)))
 
 
@@ -87,12 +87,12 @@ def test_presence_fit_recovers_a_known_logistic_model():
     x = rng.normal(size=(4000, 2))
     p = 1 / (1 + np.exp(-(2.0 * x[:, 0] - 1.0 * x[:, 1] + 0.3)))
     y = rng.random(4000) < p
-    fitted = PresenceCalibrator.fit(x, y, ["max_logit", "sam_iou"], l2=0.0)
+    fitted = PresenceCalibrator.fit(x, y, ["max_logit", "iou_score"], l2=0.0)
     # Balanced weighting shifts only the bias; the slopes (per standardised unit) stay those of the truth.
     slopes = np.array(fitted.weights) / np.array(fitted.std)
     np.testing.assert_allclose(slopes, [2.0, -1.0], rtol=0.12)
     with pytest.raises(ValueError, match="both classes"):
-        PresenceCalibrator.fit(x, np.ones(4000, bool), ["max_logit", "sam_iou"])
+        PresenceCalibrator.fit(x, np.ones(4000, bool), ["max_logit", "iou_score"])
 
 
 def test_absent_target_gives_an_empty_mask(pipe, scene, tmp_path):
@@ -111,7 +111,7 @@ def test_shipped_calibration_is_loaded_and_recorded():
     assert calibrator.fitted_on["split"] == "synthetic/val"
     assert (
         calibrator.fitted_on["test"]["balanced_accuracy"]
-        > calibrator.fitted_on["test"]["sam_iou_only_balanced_accuracy"]
+        > calibrator.fitted_on["test"]["iou_score_only_balanced_accuracy"]
     )
 
 

@@ -80,8 +80,8 @@ class CacheKey:
     backbone_revision: str | None
     layer: int
     dtype: str  # of the cached hidden states (the backbone's dtype)
-    sam_id: str
-    sam_revision: str | None
+    decoder_id: str
+    decoder_revision: str | None
     prompt_template: str  # see prompt_template_id
     dataset: str
     split: str

@@ -247,7 +247,9 @@ def probe_layers(
         str, typer.Option(help="dataset/split whose target queries are probed")
     ] = "synthetic/val",
     limit: Annotated[int | None, typer.Option(help="queries with a target to score")] = 200,
-    backbone: Annotated[str, typer.Option(help="backbone family (lens.backbone.BACKBONES key)")] = "llava",
+    backbone: Annotated[
+        str | None, typer.Option(help="backbone family (lens.backbone.BACKBONES key; default: the config's)")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="LensConfig YAML saying where datasets are")] = None,
     batch_size: int = 8,
     dtype: str = "float32",

@@ -63,7 +63,7 @@ def presence_features(prediction: Prediction) -> dict[str, float]:
         "mean_logit_inside": float(inside.mean()) if inside.size else 0.0,
         "log_area": math.log(float(prediction.mask.mean()) + 1e-4),
         "log_attention_peak": math.log(float(attention.max()) * cells + 1e-6),  # 0: uniform attention
-        "sam_iou": float(prediction.score),
+        "iou_score": float(prediction.score),
     }
 
 
@@ -133,7 +133,7 @@ class PresenceCalibrator:
         return calibrator
 
 
-PRESENCE_FEATURES = ("max_logit", "mean_logit_inside", "log_area", "log_attention_peak", "sam_iou")
+PRESENCE_FEATURES = ("max_logit", "mean_logit_inside", "log_area", "log_attention_peak", "iou_score")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def run_probe(
     model: str,
     data: str = "synthetic/val",
     limit: int | None = 200,
-    backbone: str = "llava",
+    backbone: str | None = None,
     config_data: DataConfig | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
@@ -253,7 +253,8 @@ def run_probe(
     first = next(rows, None)
     if first is None:
         raise ValueError(f"{data} has no query with a target")
-    config = BackboneConfig(name=backbone, model_id=resolve_model_id(model), layer=1, dtype=dtype)
+    name = backbone or BackboneConfig.name  # the config's default family
+    config = BackboneConfig(name=name, model_id=resolve_model_id(model), layer=1, dtype=dtype)
     mllm = load_backbone(config, device)
     return probe(mllm, itertools.chain([first], rows), batch_size=batch_size, model=model, data=data)
 
