@@ -64,3 +64,22 @@ def test_a_rerun_with_save_predictions_writes_them(tiny_models, split, tmp_path)
     assert evaluate(lens, [split], tmp_path, batch_size=2, limit=3, save_predictions=True) == first
     records = [json.loads(x) for x in (tmp_path / PER_SAMPLE_NAME).read_text().splitlines()]
     assert records and all(prediction_path(tmp_path, r).is_file() for r in records)
+
+
+def test_altered_records_are_named_not_reused(tiny_models, split, tmp_path) -> None:
+    """The merged records carry a SHA-256 in manifest.json: a byte changed after the run is caught on resume
+    (a record that still parses would otherwise be reused as valid)."""
+    from lens.errors import InvalidCheckpoint
+    from lens.integrity import MANIFEST
+
+    lens = _lens(tiny_models)
+    evaluate(lens, [split], tmp_path, batch_size=2, limit=2)
+    listed = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert {PER_SAMPLE_NAME, "results.json", IDENTITY_NAME} <= set(listed)
+    path = tmp_path / PER_SAMPLE_NAME
+    text = path.read_text()
+    record = json.loads(text.splitlines()[0])
+    record["iou"] = 1.0 - float(record.get("iou", 0.0))  # still valid JSON, different content
+    path.write_text("\n".join([json.dumps(record), *text.splitlines()[1:]]) + "\n")
+    with pytest.raises(InvalidCheckpoint, match=f"{PER_SAMPLE_NAME} is corrupted"):
+        evaluate(lens, [split], tmp_path, batch_size=2, limit=2)

@@ -36,7 +36,7 @@ from lens.config import LensConfig
 from lens.data.loader import ItemSource, Row, build_eval_dataset
 from lens.data.registry import configured_datasets, get_dataset, registered_names
 from lens.errors import InvalidInput
-from lens.integrity import model_identity
+from lens.integrity import MANIFEST, model_identity, verify_listed, write_manifest
 from lens.io import atomic_write_text
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
@@ -145,9 +145,11 @@ def evaluate_checkpoint(
 def read_records(output_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Per-sample records already written (merged file and per-process parts), by key.
 
-    A line cut short by a crash is skipped: its item is simply evaluated again.
+    A line cut short by a crash is skipped: its item is simply evaluated again. The merged file is checked
+    against the checksum ``_write_results`` put in ``manifest.json``: an altered or truncated one is named.
     """
     output_dir = Path(output_dir)
+    verify_listed(output_dir, PER_SAMPLE_NAME)
     records: dict[str, dict[str, Any]] = {}
     for path in [output_dir / PER_SAMPLE_NAME, *sorted((output_dir / PARTS_DIR).glob("*.jsonl"))]:
         if not path.is_file():
@@ -292,7 +294,7 @@ def _claim(
     if problem and not replace:
         raise InvalidInput(f"{output_dir} {problem}; evaluate into a new --output-dir or remove it")
     if problem:
-        for stale in [output_dir / PER_SAMPLE_NAME, output_dir / RESULTS_JSON, output_dir / RESULTS_MD]:
+        for stale in [output_dir / n for n in (PER_SAMPLE_NAME, RESULTS_JSON, RESULTS_MD, MANIFEST)]:
             stale.unlink(missing_ok=True)
         for stale in (output_dir / PARTS_DIR).glob("*.jsonl"):
             stale.unlink()
@@ -314,3 +316,5 @@ def _write_results(output_dir: Path, splits: Sequence[EvalSplit], limit: int | N
     results = {"splits": summary, "table2": table2(summary), "table3": table3(summary)}
     atomic_write_text(output_dir / RESULTS_JSON, json.dumps(results, indent=1))
     atomic_write_text(output_dir / RESULTS_MD, markdown(results, method))
+    outputs = (PER_SAMPLE_NAME, RESULTS_JSON, RESULTS_MD, IDENTITY_NAME)
+    write_manifest(output_dir, [output_dir / name for name in outputs if (output_dir / name).is_file()])

@@ -66,6 +66,24 @@ def verify_manifest(directory: str | Path, what: str = "checkpoint") -> dict[str
     return entries
 
 
+def verify_listed(directory: str | Path, name: str) -> None:
+    """Check one file against ``directory/manifest.json`` when both exist; ``InvalidCheckpoint`` if it differs.
+
+    For outputs that are read back later (evaluation's per-sample records): a file the manifest does not list,
+    or a directory without a manifest, is left to the reader.
+    """
+    directory = Path(directory)
+    manifest, path = directory / MANIFEST, directory / name
+    if not (manifest.is_file() and path.is_file()):
+        return
+    try:
+        entry = json.loads(manifest.read_text())["files"].get(name)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InvalidCheckpoint(f"{manifest} is not a valid manifest ({err})") from None
+    if entry is not None and (path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]):
+        raise InvalidCheckpoint(f"{path} is corrupted: its checksum differs from {manifest}")
+
+
 def state_hash(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of tensors by name, dtype, shape and bytes: equal exactly when the weights are."""
     digest = hashlib.sha256()
