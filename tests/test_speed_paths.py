@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -50,7 +47,8 @@ def test_sdpa_image_encoder_equals_eager(build):
     decoder.configure_image_encoder(attention="sdpa")
     assert all("Sdpa" in name for name in _attention_classes(decoder))
     sdpa = decoder.embed_images(images)
-    for a, b in zip(eager if isinstance(eager, tuple) else (eager,), sdpa if isinstance(sdpa, tuple) else (sdpa,)):
+    eager, sdpa = (x if isinstance(x, tuple) else (x,) for x in (eager, sdpa))
+    for a, b in zip(eager, sdpa, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -91,7 +89,9 @@ def test_load_decoder_applies_the_config(tmp_path):
     model, processor = build_sam()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    config = DecoderConfig(model_id=str(tmp_path), attn_implementation="eager", image_encoder_dtype="bfloat16")
+    config = DecoderConfig(
+        model_id=str(tmp_path), attn_implementation="eager", image_encoder_dtype="bfloat16"
+    )
     decoder = load_decoder(config)
     assert _attention_classes(decoder) == {"SamVisionAttention"}
     assert decoder.sam.vision_encoder.patch_embed.projection.weight.dtype == torch.bfloat16
@@ -109,3 +109,90 @@ def test_compiled_image_encoder_equals_eager():
     except Exception as error:  # no C compiler / inductor backend on this machine
         pytest.skip(f"torch.compile unavailable here: {type(error).__name__}: {str(error)[:120]}")
     torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-5)
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream on a CPU machine: records the synchronisation calls."""
+
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def _fake_cuda(monkeypatch) -> list[str]:
+    import contextlib
+
+    import lens.model as lens_model
+
+    log: list[str] = []
+    current = _FakeStream(log, "current")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"enter {stream.name}")
+        yield
+        log.append(f"leave {stream.name}")
+
+    monkeypatch.setattr(lens_model, "_use_streams", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(log, "side"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"record {s.name}"))
+    return log
+
+
+def test_alongside_orders_the_streams(monkeypatch):
+    from lens.model import _alongside
+
+    log = _fake_cuda(monkeypatch)
+    calls = []
+    side = lambda: calls.append("side") or (torch.zeros(1), torch.ones(1))  # noqa: E731
+    main = lambda: calls.append("main") or "features"  # noqa: E731
+    first, second = _alongside(side, main, torch.device("cuda"))
+    assert calls == ["side", "main"] and second == "features" and len(first) == 2
+    assert log == [
+        "side waits current",  # inputs queued before are visible to the side stream
+        "enter side",
+        "leave side",
+        "current waits side",  # nothing reads the embeddings before the side stream is done
+        "record current",
+        "record current",
+    ]
+
+
+def test_alongside_on_cpu_is_serial():
+    from lens.model import _alongside
+
+    calls = []
+    out = _alongside(
+        lambda: calls.append("side") or 1, lambda: calls.append("main") or 2, torch.device("cpu")
+    )
+    assert out == (1, 2) and calls == ["side", "main"]
+
+
+def test_stream_path_gives_the_serial_numbers(tiny_lens, monkeypatch):
+    """prepare / predict / embed_image through the two-stream branch (fake streams on CPU) equal the plain path."""
+    tiny_lens.eval()
+    images = [_image(4), _image(5), _image(4)]
+    texts = ["the red ring", "a square", "the blue thing"]
+    with torch.inference_mode():
+        serial_inputs = tiny_lens.prepare(images, texts)
+        serial = tiny_lens(serial_inputs)
+    serial_pred = tiny_lens.predict(images[0], texts[0])
+    serial_embedded = tiny_lens.predict(tiny_lens.embed_image(images[0]), texts[1])
+    log = _fake_cuda(monkeypatch)
+    with torch.inference_mode():
+        inputs = tiny_lens.prepare(images, texts)
+        out = tiny_lens(inputs)
+    assert "enter side" in log
+    torch.testing.assert_close(inputs.decoder_embeddings, serial_inputs.decoder_embeddings, rtol=0, atol=0)
+    for a, b in zip(out.mask_logits, serial.mask_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    log.clear()
+    pred = tiny_lens.predict(images[0], texts[0])
+    embedded = tiny_lens.predict(tiny_lens.embed_image(images[0]), texts[1])
+    assert log.count("enter side") == 2
+    np.testing.assert_array_equal(pred.mask_logits, serial_pred.mask_logits)
+    np.testing.assert_array_equal(embedded.mask_logits, serial_embedded.mask_logits)
