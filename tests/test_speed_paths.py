@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +199,76 @@ def test_stream_path_gives_the_serial_numbers(tiny_lens, monkeypatch):
     assert log.count("enter side") == 2
     np.testing.assert_array_equal(pred.mask_logits, serial_pred.mask_logits)
     np.testing.assert_array_equal(embedded.mask_logits, serial_embedded.mask_logits)
+
+
+# ----- 4-bit / 8-bit MLLM (bitsandbytes, CUDA only) -------------------------------------------------------------
+def test_quantization_is_refused_off_cuda():
+    from lens.backbone.base import quantized_loading
+
+    assert quantized_loading(None, torch.bfloat16, "cpu") == {}
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        quantized_loading("4bit", torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="'4bit', '8bit'"):
+        quantized_loading("3bit", torch.bfloat16, "cuda")
+
+
+def test_quantization_without_bitsandbytes_names_the_extra(monkeypatch):
+    from lens.backbone.base import quantized_loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"lens-seg\[quant\]"):
+        quantized_loading("8bit", torch.bfloat16, "cuda")
+
+
+class _Loaded:
+    """What a mocked ``from_pretrained`` returns: remembers its kwargs and whether it was moved."""
+
+    moved = False
+
+    def to(self, *args, **kwargs):
+        self.moved = True
+        return self
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize(
+    "family", ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "internvl"]
+)
+def test_quantization_reaches_from_pretrained(monkeypatch, family, quantization):
+    from transformers import BitsAndBytesConfig
+
+    import lens.backbone.hf as hf
+    import lens.backbone.llava as llava
+    from lens.backbone import BACKBONES, load_backbone
+    from lens.config import BackboneConfig
+
+    calls: dict = {}
+
+    def load(model_id, **kwargs):
+        calls.update(kwargs, model_id=model_id)
+        return _Loaded()
+
+    fake_loader = types.SimpleNamespace(from_pretrained=load)
+    fake_processor = types.SimpleNamespace(from_pretrained=lambda *a, **k: "processor")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    cls = BACKBONES[family]
+    if family == "llava":
+        monkeypatch.setattr(llava, "LlavaForConditionalGeneration", fake_loader)
+        monkeypatch.setattr(llava, "AutoProcessor", fake_processor)
+    else:
+        monkeypatch.setattr(cls, "model_class", fake_loader)
+        monkeypatch.setattr(hf, "images_only", lambda processor_class: fake_processor)
+    built = {}
+    monkeypatch.setattr(cls, "__init__", lambda self, model, processor, layer=None: built.update(model=model))
+    load_backbone(
+        BackboneConfig(name=family, model_id="some/mllm", quantization=quantization), device="cuda:0"
+    )
+    config = calls["quantization_config"]
+    assert isinstance(config, BitsAndBytesConfig)
+    assert config.load_in_4bit == (quantization == "4bit") and config.load_in_8bit == (quantization == "8bit")
+    if quantization == "4bit":
+        assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert calls["device_map"] == {"": "cuda:0"} and calls["dtype"] == torch.bfloat16
+    assert not built["model"].moved  # quantized weights are placed at load time, never moved
