@@ -112,6 +112,27 @@ def _sam_spec(preset: str):
     return TinySamSpec()
 
 
+def _build_sam(preset: str):
+    """SAM from ``_sam_spec`` with SAM's own block layout: 14 x 14 windows and evenly spaced global blocks
+    (ViT-H: 7, 15, 23, 31), which ``lens.tiny.build_sam`` does not set (its windows are half the grid)."""
+    from transformers import SamModel
+
+    from lens.tiny import build_sam
+
+    spec = _sam_spec(preset)
+    if preset not in ("real", "mid"):
+        return build_sam(spec)
+    layers = spec.vision_layers
+    small, processor = build_sam(dataclasses.replace(spec, vision_layers=1))  # one block: config + processor
+    config = small.config
+    vision = config.vision_config
+    vision.num_hidden_layers = layers
+    vision.window_size = 14
+    vision.global_attn_indexes = [(i + 1) * layers // 4 - 1 for i in range(4)]  # 7, 15, 23, 31 at 32 blocks
+    torch.manual_seed(0)
+    return SamModel(config).eval(), processor
+
+
 def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: int | None) -> LensModel:
     """The shipped LENS, or a randomly initialised one from configs (``tiny`` / ``mid`` / ``real``)."""
     if preset == "shipped":
@@ -120,7 +141,7 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: in
         return load_lens("lens:synthetic/lens", device=device).eval()
     from lens.backbone import BACKBONES
     from lens.decoders import DECODERS
-    from lens.tiny import build_llava, build_sam
+    from lens.tiny import build_llava
 
     # A vocabulary of LLaVA-1.5's size, so the LM head costs what it costs at 7B (LISA decodes with it).
     vocab = 32064 if preset == "real" else 2000
@@ -128,7 +149,7 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: in
     words += [f"w{i}" for i in range(vocab - len(words) - 9)]
     with torch.device(device):  # 7B random weights are initialised on the GPU, not in host memory
         llava, llava_processor = build_llava(words, _llava_spec(preset))
-        sam, sam_processor = build_sam(_sam_spec(preset))
+        sam, sam_processor = _build_sam(preset)
     llava, sam = llava.to(dtype).eval(), sam.to(dtype).eval()
     depth = llava.config.text_config.num_hidden_layers
     layer = layer or max(1, round(depth * 14 / 32))  # the paper's layer 14 of 32, at this depth
