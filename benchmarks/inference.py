@@ -112,6 +112,27 @@ def _sam_spec(preset: str):
     return TinySamSpec()
 
 
+def _build_sam(preset: str):
+    """SAM from ``_sam_spec`` with SAM's own block layout: 14 x 14 windows and evenly spaced global blocks
+    (ViT-H: 7, 15, 23, 31), which ``lens.tiny.build_sam`` does not set (its windows are half the grid)."""
+    from transformers import SamModel
+
+    from lens.tiny import build_sam
+
+    spec = _sam_spec(preset)
+    if preset not in ("real", "mid"):
+        return build_sam(spec)
+    layers = spec.vision_layers
+    small, processor = build_sam(dataclasses.replace(spec, vision_layers=1))  # one block: config + processor
+    config = small.config
+    vision = config.vision_config
+    vision.num_hidden_layers = layers
+    vision.window_size = 14
+    vision.global_attn_indexes = [(i + 1) * layers // 4 - 1 for i in range(4)]  # 7, 15, 23, 31 at 32 blocks
+    torch.manual_seed(0)
+    return SamModel(config).eval(), processor
+
+
 def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: int | None) -> LensModel:
     """The shipped LENS, or a randomly initialised one from configs (``tiny`` / ``mid`` / ``real``)."""
     if preset == "shipped":
@@ -120,7 +141,7 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: in
         return load_lens("lens:synthetic/lens", device=device).eval()
     from lens.backbone import BACKBONES
     from lens.decoders import DECODERS
-    from lens.tiny import build_llava, build_sam
+    from lens.tiny import build_llava
 
     # A vocabulary of LLaVA-1.5's size, so the LM head costs what it costs at 7B (LISA decodes with it).
     vocab = 32064 if preset == "real" else 2000
@@ -128,7 +149,7 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, layer: in
     words += [f"w{i}" for i in range(vocab - len(words) - 9)]
     with torch.device(device):  # 7B random weights are initialised on the GPU, not in host memory
         llava, llava_processor = build_llava(words, _llava_spec(preset))
-        sam, sam_processor = build_sam(_sam_spec(preset))
+        sam, sam_processor = _build_sam(preset)
     llava, sam = llava.to(dtype).eval(), sam.to(dtype).eval()
     depth = llava.config.text_config.num_hidden_layers
     layer = layer or max(1, round(depth * 14 / 32))  # the paper's layer 14 of 32, at this depth
@@ -206,7 +227,10 @@ def stage_timers(model: LensModel, device: torch.device) -> Iterator[dict[str, f
         else:  # an instance attribute shadowing the method: removing it restores the method
             restore.append(lambda: owner.__dict__.pop(attr, None))
 
-    patch(model.backbone, "encode", "MLLM to layer k (preprocess + vision + layers)")
+    patch(model.backbone, "encode", "MLLM to layer k")
+    vision = getattr(model.backbone.model.model, "vision_tower", None)
+    if vision is not None:  # the vision tower runs inside encode: reported apart, subtracted in run()
+        patch(vision, "forward", "vision tower")
     patch(model.decoder, "embed_images", "SAM image encoder")
     patch(model.head, "forward", "head (2 layers)")
     patch(lens_model, "extract_keypoints", "keypoints (NMS + sub-pixel)")
@@ -287,7 +311,15 @@ class SmallUNet(nn.Module):
         return self.out(torch.cat([a, b], 1))
 
 
-def flmm_run(model: LensModel, unet: nn.Module, images: Sequence[Image.Image], texts: Sequence[str]) -> None:
+def flmm_spans(model: LensModel, images: Sequence[Image.Image], texts: Sequence[str]):
+    """Where the image cells and the query sit in each prompt (bookkeeping, computed before timing)."""
+    with torch.inference_mode():
+        return model.backbone.encode(list(images), list(texts))
+
+
+def flmm_run(
+    model: LensModel, unet: nn.Module, images: Sequence[Image.Image], texts: Sequence[str], features
+) -> None:
     """Full prefill with every layer's and head's attention gathered for the query, a U-Net, SAM box + mask.
 
     Attention probabilities exist only in eager attention (fused kernels never materialise them): that is the
@@ -297,8 +329,8 @@ def flmm_run(model: LensModel, unet: nn.Module, images: Sequence[Image.Image], t
     sam = model.decoder.sam
     with torch.inference_mode():
         inputs = _mllm_inputs(model, images, texts)
-        features = model.backbone.encode(list(images), list(texts))  # spans only (not timed separately)
-        out = llava(**inputs, output_attentions=True, use_cache=False)  # eager attention (see main)
+        # Eager attention (see run); logits only at the last position (F-LMM reads no logits at all).
+        out = llava(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1)
         B = inputs["input_ids"].shape[0]
         maps = []
         for b in range(B):
@@ -355,14 +387,12 @@ def lens_flops(model: LensModel, prompt_length: int) -> dict[str, float]:
     grid = s.image_size // s.patch_size
     window = s.window_size or grid
     padded = -(-grid // window) * window
-    attn = [
-        grid * grid if i in s.global_attn_indexes else window * window for i in range(s.num_hidden_layers)
-    ]
-    sam_encoder = _vit_flops(padded * padded, s.hidden_size, s.mlp_dim, s.num_hidden_layers, attn)
+    sam_encoder = 2.0 * grid * grid * 3 * s.patch_size**2 * s.hidden_size  # patch embedding
+    for i in range(s.num_hidden_layers):  # windowed blocks run on the grid padded to whole windows
+        tokens, keys = (grid * grid, grid * grid) if i in s.global_attn_indexes else (padded**2, window**2)
+        sam_encoder += _vit_flops(tokens, s.hidden_size, s.mlp_dim, 1, [keys])
     sam_encoder += 2 * grid * grid * (s.hidden_size * s.output_channels + 9 * s.output_channels**2)  # neck
-    d_s = model.decoder.prompt_dim
-    decoder_tokens = grid * grid
-    sam_decoder = 2 * (2 * decoder_tokens * (4 * d_s * d_s + 2 * d_s * 2048) + 4 * decoder_tokens * 32 * d_s)
+    sam_decoder = _sam_decoder_flops(model.decoder.sam.config.mask_decoder_config, grid * grid)
     return {
         "vision tower": vision,
         "MLLM layers 1..k": mllm,
@@ -370,6 +400,21 @@ def lens_flops(model: LensModel, prompt_length: int) -> dict[str, float]:
         "SAM image encoder": sam_encoder,
         "SAM mask decoder": float(sam_decoder),
     }
+
+
+def _sam_decoder_flops(config, image_tokens: int, prompt_tokens: int = 24) -> float:
+    """SAM's two-way transformer + upscaling. The work is in the image tokens: two attention projections per
+    cross-attention (at the downsampled width), attention against the ~24 prompt + output tokens, and the two
+    2x2 stride-2 transposed convolutions; the prompt tokens' own MLPs and self-attention are negligible."""
+    d = config.hidden_size
+    inner = d // config.attention_downsample_rate
+    per_cross = 2 * image_tokens * d * inner + 2 * image_tokens * prompt_tokens * inner  # MACs
+    layers = (
+        config.num_hidden_layers * 2 * per_cross + per_cross
+    )  # both directions per layer + final attention
+    side = int(image_tokens**0.5)
+    upscale = (2 * side) ** 2 * (d // 4) * d + (4 * side) ** 2 * (d // 8) * (d // 4)
+    return 2.0 * (layers + upscale)
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
@@ -404,6 +449,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = build_model(args.preset, device, dtype, args.layer)
+    model.decoder.configure_image_encoder(attention="sdpa", compile=args.compile)
     reps, warmup = args.reps, args.warmup
     rows: list[Row] = []
     d = model.backbone.layer_spec().hidden_size
@@ -415,10 +461,11 @@ def run(args: argparse.Namespace) -> dict:
     for batch in args.batches:
         images = [scene(i) for i in range(batch)]
         texts = [QUERY] * batch
+        spans = flmm_spans(model, images, texts)
         for name, fn in (
             ("LENS", lambda im=images, tx=texts: lens_run(model, im, tx)),
             ("LISA-style", lambda im=images, tx=texts: lisa_run(model, proj, im, tx)),
-            ("F-LMM-style", lambda im=images, tx=texts: flmm_run(model, unet, im, tx)),
+            ("F-LMM-style", lambda im=images, tx=texts, f=spans: flmm_run(model, unet, im, tx, f)),
         ):
             llava = model.backbone.model
             implementation = llava.config._attn_implementation
@@ -433,11 +480,20 @@ def run(args: argparse.Namespace) -> dict:
 
     # Stage shares of LENS at batch 1.
     image = scene(0)
+    now = clock(device)
     with stage_timers(model, device) as stages:
+        t0 = now()
         for _ in range(reps):
             lens_run(model, [image], [QUERY])
+        staged_total = (now() - t0) / reps
     t_e2e = next(r.seconds for r in rows if r.name == "LENS" and r.batch == min(args.batches))
     stages = {k: v / reps for k, v in stages.items()}
+    if "vision tower" in stages:  # exclusive times: the MLLM row is preprocessing + LLM layers 1..k
+        stages["MLLM to layer k"] -= stages["vision tower"]
+        stages = {
+            ("preprocess + LLM layers 1..k" if k == "MLLM to layer k" else k): v for k, v in stages.items()
+        }
+    stages["rest (mask post-processing, glue)"] = max(staged_total - sum(stages.values()), 0.0)
 
     # Queries per image: each query cold (its own image embedding and prefix) against embed-once.
     per_query = []
@@ -475,6 +531,7 @@ def run(args: argparse.Namespace) -> dict:
         else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "preset": args.preset,
+        "compile": args.compile,
         "dtype": args.dtype,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "rows": [dataclasses.asdict(r) for r in rows],
@@ -524,7 +581,8 @@ def table(result: dict) -> str:
         lines.append(f"{cells[0]:<14}{cells[1]:>6}{cells[2]:>12}{cells[3]:>10}{cells[4]:>10}")
     lines += [
         "",
-        f"LENS stages at batch 1 (end to end {result['lens_e2e_ms']:.1f} ms, synchronised per stage):",
+        f"LENS stages at batch 1 (end to end {result['lens_e2e_ms']:.1f} ms; stages synchronised, "
+        f"{sum(result['stages_ms'].values()):.1f} ms in all):",
     ]
     total = sum(result["stages_ms"].values())
     for name, ms in result["stages_ms"].items():
@@ -589,6 +647,7 @@ def main() -> None:
         "--gemm-size", type=int, default=None, help="GEMM side for the floor (default by device)"
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -30,6 +30,7 @@ class BackboneConfig:
     revision: str | None = None
     layer: int = 14  # k: the head reads the output of decoder layer k (1-based; paper: 14 of 32)
     dtype: str = "bfloat16"  # dtype the frozen MLLM runs in ("float32" on CPU)
+    quantization: str | None = None  # "4bit" | "8bit": bitsandbytes weights (CUDA only, extra `quant`)
 
 
 @dataclass
@@ -66,6 +67,10 @@ class DecoderConfig:
     revision: str | None = None
     train_mask_decoder: bool = True  # SAM's image encoder and prompt encoder always stay frozen
     mask_threshold: float = 0.0  # logits above this are foreground (reference protocol)
+    # Speed of the frozen image encoder (docs/performance.md); none of these change trained weights.
+    attn_implementation: str = "sdpa"  # "sdpa" (fused) | "eager"; outputs agree to float tolerance
+    image_encoder_dtype: str | None = None  # e.g. "bfloat16": the encoder alone in it (sam, sam_hq)
+    compile_image_encoder: bool = False  # torch.compile the encoder (pays on a GPU after warm-up)
 
 
 @dataclass

@@ -8,9 +8,10 @@ Only the head, the descriptor and the decoder's ``trainable_names`` train.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ from lens.keypoints import extract_keypoints, sample_neighbourhood
 from lens.losses import lens_loss
 
 EDGE_MARGIN = 1e-3  # cells: how far inside the image's edge a clamped keypoint stays
+
+
+S = TypeVar("S")
+M = TypeVar("M")
 
 
 @dataclass
@@ -122,6 +127,14 @@ class LensModel(nn.Module):
         targets = (
             None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
         )
+        if _use_streams(self.device):  # the image encoder on a second stream, alongside the MLLM prefill
+            distinct, index = unique_images(images)
+            embeddings, features = _alongside(
+                lambda: self.decoder.embed_images(distinct),
+                lambda: self.backbone.encode(images, instructions, decoder_frame=self.decoder.frame),
+                self.device,
+            )
+            return LensInputs(features, self.decoder.select(embeddings, index), targets)
         features = self.backbone.encode(images, instructions, decoder_frame=self.decoder.frame)
         if features.image_index is None:  # a backbone that does not say which prompts share an image
             distinct, index = unique_images(images)
@@ -194,8 +207,11 @@ class LensModel(nn.Module):
         """The text-independent work on ``image``, done once: the decoder's image embedding and, where the
         backbone can share it, its prompt prefix (chat template + image through layers 1..k)."""
         image = load_image(image)
-        embeddings = self.decoder.embed_images([image])
-        prefix = self.backbone.encode_prefix(image)
+        embeddings, prefix = _alongside(
+            lambda: self.decoder.embed_images([image]),
+            lambda: self.backbone.encode_prefix(image),
+            self.device,
+        )
         geometry = ImageGeometry(
             self.backbone.grid_frame(image.width, image.height), self.decoder.frame(image.width, image.height)
         )
@@ -218,8 +234,11 @@ class LensModel(nn.Module):
         pil = embedded.image if embedded is not None else load_image(image)  # upright 8-bit RGB
         with _inference(self):
             if embedded is None:
-                embeddings = self.decoder.embed_images([pil])
-                features = self.backbone.encode([pil] * len(texts), texts, decoder_frame=self.decoder.frame)
+                embeddings, features = _alongside(
+                    lambda: self.decoder.embed_images([pil]),
+                    lambda: self.backbone.encode([pil] * len(texts), texts, decoder_frame=self.decoder.frame),
+                    self.device,
+                )
             else:
                 embeddings = embedded.decoder_embeddings
                 features = self.backbone.encode(
@@ -247,6 +266,31 @@ class LensModel(nn.Module):
                 )
             )
         return predictions[0] if isinstance(text, str | bytes) else predictions
+
+
+def _use_streams(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _alongside(side: Callable[[], S], main: Callable[[], M], device: torch.device) -> tuple[S, M]:
+    """``(side(), main())``, with ``side`` queued on a second CUDA stream so that its kernels (the decoder's
+    image encoder) overlap ``main``'s (the MLLM prefill): the two share no inputs. Elsewhere, one after the
+    other. The side stream waits for work already queued (inputs copied in) and the current stream waits for
+    the side one before anything reads its outputs; ``record_stream`` keeps the allocator from reusing them
+    early. Numbers are the serial path's: the same kernels run on the same inputs."""
+    if not _use_streams(device):
+        return side(), main()
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        first = side()
+    second = main()
+    current.wait_stream(stream)
+    for tensor in first if isinstance(first, tuple) else (first,):
+        if isinstance(tensor, Tensor):
+            tensor.record_stream(current)
+    return first, second
 
 
 def _first_tensor(embeddings: ImageEmbeddings) -> Tensor:

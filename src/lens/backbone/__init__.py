@@ -42,6 +42,7 @@ def load_backbone(config: BackboneConfig, device: str | torch.device = "cpu") ->
         revision=config.revision,
         dtype=getattr(torch, config.dtype),
         device=device,
+        **({"quantization": config.quantization} if config.quantization else {}),
     )
 
 

@@ -18,6 +18,39 @@ from torch import Tensor, nn
 
 from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantized_loading(quantization: str | None, dtype: torch.dtype, device: str | torch.device) -> dict:
+    """``from_pretrained`` keyword arguments for an MLLM in 4-bit (NF4) or 8-bit bitsandbytes weights, or {}.
+
+    Quantized weights are placed by ``device_map`` at load time and cannot be moved afterwards; compute runs in
+    ``dtype``. GPU only: bitsandbytes kernels are CUDA kernels.
+    """
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"backbone.quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}"
+        )
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"backbone.quantization={quantization!r} needs a CUDA device, got {str(device)!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "backbone.quantization needs bitsandbytes: pip install 'lens-seg[quant]'"
+        ) from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": str(torch.device(device))}}
+
 
 def unique_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], Tensor]:
     """The distinct images of a batch and, per input, the index of its copy among them.

@@ -31,6 +31,7 @@ from lens.backbone.base import (
     LayerSpec,
     RopeSpec,
     image_geometries,
+    quantized_loading,
     run_until,
     unique_images,
 )
@@ -139,11 +140,13 @@ class HFBackbone(Backbone):
         revision: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
+        quantization: str | None = None,
     ) -> HFBackbone:
         """Load ``model_id`` (hub id or local directory) into ``model_class`` with its own processor."""
-        model = cls.model_class.from_pretrained(model_id, revision=revision, dtype=dtype)
+        loading = quantized_loading(quantization, dtype, device)  # {} unless 4-bit / 8-bit
+        model = cls.model_class.from_pretrained(model_id, revision=revision, dtype=dtype, **loading)
         processor = images_only(cls.processor_class).from_pretrained(model_id, revision=revision)
-        return cls(model.to(device), processor, layer=layer)
+        return cls(model if loading else model.to(device), processor, layer=layer)
 
     @staticmethod
     def text_config(model: PreTrainedModel) -> object:

@@ -28,6 +28,7 @@ from lens.backbone.base import (
     RopeSpec,
     first_of_each,
     image_geometries,
+    quantized_loading,
     run_until,
     shared_prefix_length,
     unique_images,
@@ -120,10 +121,14 @@ class LlavaBackbone(Backbone):
         revision: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
+        quantization: str | None = None,
     ) -> LlavaBackbone:
-        model = LlavaForConditionalGeneration.from_pretrained(model_id, revision=revision, dtype=dtype)
+        loading = quantized_loading(quantization, dtype, device)  # {} unless 4-bit / 8-bit
+        model = LlavaForConditionalGeneration.from_pretrained(
+            model_id, revision=revision, dtype=dtype, **loading
+        )
         processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device), processor, layer=layer)
+        return cls(model if loading else model.to(device), processor, layer=layer)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:

@@ -21,12 +21,18 @@ def load_decoder(config: DecoderConfig, device: str | torch.device = "cpu") -> M
     """Load the mask decoder named by ``config.name`` from ``config.model_id`` (hub id or local directory)."""
     if config.name not in DECODERS:
         raise ValueError(f"unknown decoder {config.name!r}; available: {sorted(DECODERS)}")
-    return DECODERS[config.name].from_pretrained(
+    decoder = DECODERS[config.name].from_pretrained(
         config.model_id,
         revision=config.revision,
         device=device,
         train_mask_decoder=config.train_mask_decoder,
     )
+    decoder.configure_image_encoder(
+        config.attn_implementation,
+        None if config.image_encoder_dtype is None else getattr(torch, config.image_encoder_dtype),
+        config.compile_image_encoder,
+    )
+    return decoder
 
 
 __all__ = [

@@ -75,6 +75,49 @@ class MaskDecoderBridge(nn.Module):
         """The dtype image embeddings should have when they enter ``forward``."""
         return next(self.parameters()).dtype
 
+    def configure_image_encoder(
+        self, attention: str | None = None, dtype: torch.dtype | None = None, compile: bool = False
+    ) -> None:
+        """Speed settings of the frozen image encoder (``DecoderConfig``; in place).
+
+        ``attention``: ``"sdpa"`` (fused kernels; the default transformers builds) or ``"eager"``; SAM and SAM-HQ
+        pick their attention class when built, so the modules are switched here, not only the config.
+        ``dtype``: run the encoder alone in this dtype (e.g. bfloat16); embeddings come out in ``self.dtype``.
+        ``compile``: ``torch.compile`` the encoder's forward (module names, hence checkpoints, unchanged).
+        """
+        encoder = self.sam.vision_encoder
+        if attention is not None:
+            set_image_encoder_attention(self.sam, attention)
+        if dtype is not None and dtype != next(encoder.parameters()).dtype:
+            if self.name == "sam2":  # its embedding step runs mask-decoder convolutions on encoder outputs
+                raise ValueError("decoder.image_encoder_dtype is supported for sam and sam_hq, not sam2")
+            encoder.to(dtype)
+        if compile:
+            encoder.compile()
+
+
+def set_image_encoder_attention(model: nn.Module, implementation: str) -> None:
+    """Switch a SAM / SAM-HQ / SAM 2 model's attention to ``implementation`` ("eager" | "sdpa"), in place.
+
+    SAM and SAM-HQ choose their vision-attention class at construction (``*_VISION_ATTENTION_CLASSES``), so
+    ``set_attn_implementation`` alone would leave the modules as built; the SDPA class subclasses the eager
+    one with the same parameters, so swapping the class is exact. SAM 2 reads its config at every call.
+    """
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"image-encoder attention must be 'eager' or 'sdpa', got {implementation!r}")
+    import transformers.models.sam.modeling_sam as sam
+    import transformers.models.sam_hq.modeling_sam_hq as sam_hq
+
+    for classes in (sam.SAM_VISION_ATTENTION_CLASSES, sam_hq.SAM_HQ_VISION_ATTENTION_CLASSES):
+        for module in model.modules():
+            if type(module) in classes.values():
+                module.__class__ = classes[implementation]
+    encoder = model.vision_encoder
+    for module in encoder.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = implementation
+
     def trainable_names(self) -> list[str]:
         """Exactly the tensors that train, relative to this module: what a LENS checkpoint saves of it."""
         raise NotImplementedError

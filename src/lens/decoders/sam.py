@@ -79,7 +79,7 @@ class SamDecoder(MaskDecoderBridge):
             "pixel_values"
         ]
         dtype = self.sam.vision_encoder.patch_embed.projection.weight.dtype
-        return self.sam.get_image_embeddings(pixels.to(self.device, dtype)).clone()
+        return self.sam.get_image_embeddings(pixels.to(self.device, dtype)).to(self.dtype).clone()
 
     def forward(
         self,

@@ -54,7 +54,7 @@ class SamHQDecoder(SamDecoder):
         ]
         dtype = self.sam.vision_encoder.patch_embed.projection.weight.dtype
         embeddings, intermediate = self.sam.get_image_embeddings(pixels.to(self.device, dtype))
-        return embeddings, intermediate[0]
+        return embeddings.to(self.dtype), intermediate[0].to(self.dtype)
 
     def forward(
         self,
