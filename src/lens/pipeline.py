@@ -353,9 +353,8 @@ class LensPipeline:
                 raise InvalidInput(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
             config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, dtype=name))
         if load_in_4bit or load_in_8bit:
-            model = _build_quantized(config, chosen, bits=4 if load_in_4bit else 8)
-        else:
-            model = build_lens(config, chosen)
+            config = _quantized_config(config, chosen, bits=4 if load_in_4bit else 8)
+        model = build_lens(config, chosen)
         model = load_lens_weights(model, directory)
         if isinstance(presence, str) and presence == "auto":
             presence = directory / PRESENCE_FILE if (directory / PRESENCE_FILE).is_file() else None
@@ -492,29 +491,10 @@ class LensPipeline:
         )
 
 
-def _build_quantized(config: Any, device: torch.device, bits: int) -> LensModel:
-    """LENS with its MLLM loaded in ``bits``-bit through bitsandbytes (CUDA only); SAM and the head stay as is."""
+def _quantized_config(config: Any, device: torch.device, bits: int) -> Any:
+    """``config`` with its MLLM in ``bits``-bit bitsandbytes weights (``backbone.quantization``); CUDA only."""
     if device.type != "cuda":
         raise InvalidInput(f"{bits}-bit loading needs a CUDA GPU (bitsandbytes); device is {device}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise InvalidInput(f"{bits}-bit loading needs `pip install bitsandbytes`") from None
-    from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
-
-    from lens.backbone import BACKBONES
-    from lens.weights import _load_decoder
-
-    decoder = _load_decoder(config, device)
-    model_id = resolve_model_id(config.backbone.model_id)
-    quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
-    mllm = LlavaForConditionalGeneration.from_pretrained(
-        model_id, revision=config.backbone.revision, quantization_config=quantization, device_map={"": device}
+    return dataclasses.replace(
+        config, backbone=dataclasses.replace(config.backbone, quantization=f"{bits}bit")
     )
-    processor = AutoProcessor.from_pretrained(model_id, revision=config.backbone.revision)
-    backbone = BACKBONES[config.backbone.name](mllm, processor, layer=config.backbone.layer)
-    model = LensModel(config, backbone, decoder)
-    for name, child in model.named_children():  # a quantised MLLM is already placed and cannot be moved
-        if name != "backbone":
-            child.to(device)
-    return model

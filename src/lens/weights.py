@@ -53,7 +53,13 @@ def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensMo
         config.backbone, model_id=resolve_model_id(config.backbone.model_id)
     )
     backbone = load_backbone(backbone_config, device=device)
-    return LensModel(config, backbone, decoder).to(device)
+    model = LensModel(config, backbone, decoder)
+    if config.backbone.quantization:  # bitsandbytes weights are placed at load and cannot be moved
+        for name, child in model.named_children():
+            if name != "backbone":
+                child.to(device)
+        return model
+    return model.to(device)
 
 
 def save_lens_weights(model: LensModel, directory: str | Path) -> Path:
