@@ -212,9 +212,9 @@ def test_cli_probes_a_saved_model_and_names_bad_data(tmp_path):
 
 @pytest.mark.slow
 def test_every_family_s_layer_maps_equal_its_output_attentions():
-    """Every backbone family of branch ``backbones`` (skipped until it is merged): the probe's per-layer maps of
-    three prompts with different image sizes equal eq. 1 from the model's own ``output_attentions``."""
-    families = pytest.importorskip("lens.tiny_families")
+    """Every backbone family (``lens.tiny_families``): the probe's per-layer maps of three prompts with different
+    image sizes equal eq. 1 from the model's own ``output_attentions``."""
+    from lens import tiny_families as families
     from lens.backbone import BACKBONES
 
     images = [random_image(40, 60, seed=1), random_image(40, 60, seed=1), random_image(70, 30, seed=2)]

@@ -286,7 +286,7 @@ class Backbone(nn.Module):
         self, image: Image.Image, instruction: str, continuations: Sequence[str]
     ) -> Tensor:
         """(C,) log-likelihood of each continuation as the start of the untouched MLLM's answer (the agent's
-        router compares its labels this way, never by free generation). Added by branch `interfaces`."""
+        router compares its labels this way, never by free generation)."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> Backbone:

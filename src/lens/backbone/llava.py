@@ -342,7 +342,7 @@ class LlavaBackbone(Backbone):
     def score_continuations(
         self, image: Image.Image, instruction: str, continuations: Sequence[str]
     ) -> Tensor:
-        # Added by branch `interfaces` (agent router): prompt once per continuation, summed answer log-probs.
+        # The agent's router: the prompt once per continuation, the continuation's log-probs summed.
         if not continuations:
             raise ValueError("score_continuations needs at least one continuation")
         inputs = self._inputs([image] * len(continuations), [instruction] * len(continuations))
