@@ -104,7 +104,75 @@ class ImageLayout:
     frame: GridFrame
 
 
-class HFBackbone(Backbone):
+class FrozenHFModel:
+    """What every adapter over a transformers ``*ForConditionalGeneration`` shares, from ``self.model``,
+    ``self.processor``, ``self._inputs`` and ``self.decoder_layers``: layer states for the head (the families'
+    decoder layers already use the Llama names ``self_attn.q_proj``, ``mlp.gate_proj``, ...), the untouched
+    MLLM's answers, and the likelihood of answer starts (the agent's router)."""
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    decoder_layers: nn.ModuleList
+    _inputs: Callable[..., dict[str, Tensor]]
+
+    def decoder_layer_state(self, index: int) -> dict[str, Tensor]:
+        n = len(self.decoder_layers)
+        if not 1 <= index <= n:
+            raise ValueError(f"the backbone has decoder layers 1..{n}; cannot copy layer {index}")
+        return {k: v.detach().clone() for k, v in self.decoder_layers[index - 1].state_dict().items()}
+
+    def generate(
+        self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int = 32
+    ) -> list[str]:
+        answers = []
+        for image, text in zip(images, instructions, strict=True):  # one at a time: no left-padding games
+            inputs = self._inputs([image], [text])
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1] :]
+            answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return answers
+
+    def score_continuations(
+        self, image: Image.Image, instruction: str, continuations: Sequence[str]
+    ) -> Tensor:
+        # The agent's router: the prompt once per continuation, the continuation's log-probs summed.
+        if not continuations:
+            raise ValueError("score_continuations needs at least one continuation")
+        inputs = self._inputs([image] * len(continuations), [instruction] * len(continuations))
+        prompt = inputs["input_ids"]  # (C, P), identical rows
+        tokenizer = self.processor.tokenizer
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        if any(not i for i in ids):
+            raise ValueError(f"a continuation tokenizes to nothing: {list(continuations)}")
+        longest = max(map(len, ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tail = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=prompt.device)  # (C, T)
+        real = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids], device=prompt.device)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.cat([prompt, tail], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], real], 1),
+                **_extend_per_token(inputs, prompt.shape, tail.shape[1]),
+            ).logits[:, prompt.shape[1] - 1 : -1]  # (C, T, V): the logits that predict each tail token
+        scores = logits.float().log_softmax(-1).gather(-1, tail[..., None])[..., 0]  # (C, T)
+        return (scores * real).sum(1).cpu()
+
+
+def _extend_per_token(inputs: dict[str, Tensor], shape: torch.Size, extra: int) -> dict[str, Tensor]:
+    """The processor's other inputs for prompts grown by ``extra`` text tokens: per-token tensors shaped like
+    the ids (Qwen's ``mm_token_type_ids``) get 0, "text", for the new tokens; the rest pass as they are."""
+    out = {}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if isinstance(value, Tensor) and value.shape == shape:
+            value = torch.cat([value, value.new_zeros(shape[0], extra)], 1)
+        out[key] = value
+    return out
+
+
+class HFBackbone(FrozenHFModel, Backbone):
     """A frozen transformers MLLM run up to decoder layer k. Subclasses set the class attributes and
     implement ``image_layout``; a family that needs other model inputs overrides ``_model_inputs``."""
 
@@ -393,22 +461,3 @@ class HFBackbone(Backbone):
 
     def rope_spec(self, rope: dict) -> RopeSpec:
         return RopeSpec("default", float(rope.get("rope_theta", 10000.0)))
-
-    def decoder_layer_state(self, index: int) -> dict[str, Tensor]:
-        n = len(self.decoder_layers)
-        if not 1 <= index <= n:
-            raise ValueError(f"the backbone has decoder layers 1..{n}; cannot copy layer {index}")
-        # the families' decoder layers already use the Llama names (self_attn.q_proj, mlp.gate_proj, ...)
-        return {k: v.detach().clone() for k, v in self.decoder_layers[index - 1].state_dict().items()}
-
-    def generate(
-        self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int = 32
-    ) -> list[str]:
-        answers = []
-        for image, text in zip(images, instructions, strict=True):  # one at a time: no left-padding games
-            inputs = self._inputs([image], [text])
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[0, inputs["input_ids"].shape[1] :]
-            answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return answers

@@ -33,6 +33,7 @@ from lens.backbone.base import (
     shared_prefix_length,
     unique_images,
 )
+from lens.backbone.hf import FrozenHFModel
 from lens.geometry import GridFrame
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
 
 
-class LlavaBackbone(Backbone):
+class LlavaBackbone(FrozenHFModel, Backbone):
     """Frozen LLaVA-1.5 that runs only its first ``layer`` decoder layers.
 
     Arguments:
@@ -320,46 +321,3 @@ class LlavaBackbone(Backbone):
             o_bias=c.attention_bias,
             mlp_bias=c.mlp_bias,
         )
-
-    def decoder_layer_state(self, index: int) -> dict[str, Tensor]:
-        n = len(self.decoder_layers)
-        if not 1 <= index <= n:
-            raise ValueError(f"the backbone has decoder layers 1..{n}; cannot copy layer {index}")
-        return {k: v.detach().clone() for k, v in self.decoder_layers[index - 1].state_dict().items()}
-
-    def generate(
-        self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int = 32
-    ) -> list[str]:
-        answers = []
-        for image, text in zip(images, instructions, strict=True):  # one at a time: no left-padding games
-            inputs = self._inputs([image], [text])
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[0, inputs["input_ids"].shape[1] :]
-            answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return answers
-
-    def score_continuations(
-        self, image: Image.Image, instruction: str, continuations: Sequence[str]
-    ) -> Tensor:
-        # The agent's router: the prompt once per continuation, the continuation's log-probs summed.
-        if not continuations:
-            raise ValueError("score_continuations needs at least one continuation")
-        inputs = self._inputs([image] * len(continuations), [instruction] * len(continuations))
-        prompt = inputs["input_ids"]  # (C, P), identical rows
-        tokenizer = self.processor.tokenizer
-        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        if any(not i for i in ids):
-            raise ValueError(f"a continuation tokenizes to nothing: {list(continuations)}")
-        longest = max(map(len, ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        tail = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=prompt.device)  # (C, T)
-        real = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids], device=prompt.device)
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=torch.cat([prompt, tail], 1),
-                attention_mask=torch.cat([inputs["attention_mask"], real], 1),
-                pixel_values=inputs["pixel_values"],
-            ).logits[:, prompt.shape[1] - 1 : -1]  # (C, T, V): the logits that predict each tail token
-        scores = logits.float().log_softmax(-1).gather(-1, tail[..., None])[..., 0]  # (C, T)
-        return (scores * real).sum(1).cpu()
