@@ -83,3 +83,29 @@ def test_altered_records_are_named_not_reused(tiny_models, split, tmp_path) -> N
     path.write_text("\n".join([json.dumps(record), *text.splitlines()[1:]]) + "\n")
     with pytest.raises(InvalidCheckpoint, match=f"{PER_SAMPLE_NAME} is corrupted"):
         evaluate(lens, [split], tmp_path, batch_size=2, limit=2)
+
+
+def test_a_crash_while_saving_a_prediction_leaves_no_file_that_counts_as_done(
+    tiny_models, split, tmp_path, monkeypatch
+) -> None:
+    """A rerun with --save-predictions skips items whose PNG exists: a PNG cut short by a crash must never
+    stand under its final name."""
+    from PIL import Image
+
+    lens = _lens(tiny_models)
+    real_save = Image.Image.save
+
+    def crash(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG\r\n")  # the first bytes, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(lens, [split], tmp_path, batch_size=2, limit=2, save_predictions=True)
+    assert not list((tmp_path / "predictions").rglob("*.png"))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    evaluate(lens, [split], tmp_path, batch_size=2, limit=2, save_predictions=True)
+    records = [json.loads(line) for line in (tmp_path / PER_SAMPLE_NAME).read_text().splitlines()]
+    for record in records:
+        assert Image.open(prediction_path(tmp_path, record)).size == (80, 64)  # complete, readable

@@ -37,7 +37,7 @@ from lens.data.loader import ItemSource, Row, build_eval_dataset
 from lens.data.registry import configured_datasets, get_dataset, registered_names
 from lens.errors import InvalidInput
 from lens.integrity import MANIFEST, model_identity, verify_listed, write_manifest
-from lens.io import atomic_write_text
+from lens.io import atomic_write, atomic_write_text
 from lens.metrics import intersection_union, query_iou
 from lens.model import LensModel
 from lens.reporting import markdown, summarize, table2, table3
@@ -257,7 +257,10 @@ def evaluate(
                 for record, pred in scored if save_predictions else []:
                     path = prediction_path(output_dir, record)
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(pred.astype(np.uint8) * 255).save(path)
+                    picture = Image.fromarray(pred.astype(np.uint8) * 255)
+                    atomic_write(
+                        path, lambda tmp, p=picture: p.save(tmp, format="PNG")
+                    )  # a crash leaves none
                 out.write("".join(json.dumps(record) + "\n" for record, _ in scored))  # one batch at once
                 out.flush()
     model.train(was_training)
