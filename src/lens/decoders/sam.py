@@ -20,7 +20,72 @@ from lens.decoders.base import MaskDecoderBridge
 from lens.geometry import DecoderFrame
 
 
-class SamDecoder(MaskDecoderBridge):
+class SamFamilyDecoder(MaskDecoderBridge):
+    """What SAM, SAM-HQ and SAM 2 share behind LENS: a frozen model ``self.sam`` whose mask decoder may train,
+    a learned [CLS] position for f_s, and the prompts — descriptions in place of point labels, SAM's padding
+    point for invalid keypoints, the no-mask dense prompt. Subclasses freeze what cannot reach the single mask
+    and say how points are encoded, embeddings made and the mask decoder called."""
+
+    def __init__(self, sam: nn.Module, processor: object, train_mask_decoder: bool):
+        super().__init__()
+        self.sam = sam.requires_grad_(False)
+        self.sam.mask_decoder.requires_grad_(train_mask_decoder)
+        self.processor = processor
+        self.prompt_dim = sam.config.prompt_encoder_config.hidden_size
+        self.image_size = sam.config.prompt_encoder_config.image_size
+        self.cls_position = nn.Parameter(torch.randn(1, self.prompt_dim) * 0.02)  # [CLS] position of f_s
+
+    def train(self, mode: bool = True) -> SamFamilyDecoder:
+        super().train(mode)
+        self.sam.vision_encoder.eval()  # frozen parts never switch to training behaviour
+        self.sam.prompt_encoder.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_position.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sam.mask_decoder.parameters()).dtype
+
+    def trainable_names(self) -> list[str]:
+        """[CLS] position, and the mask decoder when it trains, less the parts the subclass froze because they
+        cannot reach LENS's single mask or loss: exactly the parameters left with ``requires_grad``."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def encode_points(self, points: Tensor) -> Tensor:
+        """(B, m, 2) decoder-frame pixels -> (B, m, d_s) SAM's positional encoding of the points."""
+        # Our coordinates are continuous (pixel centres at +0.5), so no extra half-pixel shift here.
+        return self.sam.shared_image_embedding(points / self.image_size)
+
+    def prompts(
+        self,
+        descriptions: Tensor,  # (B, 1 + m, d_s) global description first
+        points: Tensor,  # (B, m, 2) x, y in decoder input pixels (continuous)
+        valid: Tensor,  # (B, m) bool
+        image_embeddings: Tensor,  # (B, d_s, h, w)
+    ) -> dict[str, Tensor]:
+        """The mask decoder's prompt inputs, in the embeddings' dtype: sparse (B, 1, 1 + m, d_s), dense and
+        image-wide positional embeddings (B, d_s, h, w)."""
+        sam, d = self.sam, descriptions.dtype
+        B, (h, w), dtype = descriptions.shape[0], image_embeddings.shape[-2:], image_embeddings.dtype
+        keypoint_prompts = descriptions[:, 1:] + self.encode_points(points).to(d)
+        # Invalid slots become SAM's own padding point, exactly as SAM pads its point prompts.
+        padding = sam.prompt_encoder.not_a_point_embed.weight.to(d)  # (1, d_s)
+        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
+        global_prompt = descriptions[:, :1] + self.cls_position.to(d)
+        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
+        return {
+            "image_positional_embeddings": image_pe.to(dtype),
+            "sparse_prompt_embeddings": sparse.to(dtype),
+            "dense_prompt_embeddings": dense.to(dtype),
+        }
+
+
+class SamDecoder(SamFamilyDecoder):
     """Hugging Face ``SamModel`` (ViT-B / L / H) driven by LENS prompts.
 
     Arguments:
@@ -32,29 +97,13 @@ class SamDecoder(MaskDecoderBridge):
     name: ClassVar[str] = "sam"
 
     def __init__(self, sam: SamModel, processor: SamProcessor, train_mask_decoder: bool = True):
-        super().__init__()
-        self.sam = sam.requires_grad_(False)
-        self.sam.mask_decoder.requires_grad_(train_mask_decoder)
+        super().__init__(sam, processor, train_mask_decoder)
         # Parts that cannot influence LENS's single-mask output or loss stay as pretrained (and out of the
         # optimizer and DDP's unused set): SAM's IoU head and the hypernetworks of the multimask outputs.
         decoder = self.sam.mask_decoder
         decoder.iou_prediction_head.requires_grad_(False)
         for mlp in decoder.output_hypernetworks_mlps[1:]:
             mlp.requires_grad_(False)
-        self.processor = processor
-        self.prompt_dim = sam.config.prompt_encoder_config.hidden_size
-        self.image_size = sam.config.prompt_encoder_config.image_size
-        self.cls_position = nn.Parameter(torch.randn(1, self.prompt_dim) * 0.02)  # [CLS] position of f_s
-
-    def train(self, mode: bool = True) -> SamDecoder:
-        super().train(mode)
-        self.sam.vision_encoder.eval()  # frozen parts never switch to training behaviour
-        self.sam.prompt_encoder.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.cls_position.device
 
     def frame(self, width: int, height: int) -> DecoderFrame:
         """``SamImageProcessor``: longest side resized to the input size, padded bottom-right."""
@@ -62,15 +111,6 @@ class SamDecoder(MaskDecoderBridge):
 
     def drop_image_encoder(self) -> None:
         self.sam.vision_encoder = _NoImageEncoder()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.sam.mask_decoder.parameters()).dtype
-
-    def trainable_names(self) -> list[str]:
-        """[CLS] position, and the mask decoder when it trains, less the parts that cannot reach LENS's single
-        mask or loss (IoU head, multimask hypernetworks): exactly the parameters left with ``requires_grad``."""
-        return [name for name, p in self.named_parameters() if p.requires_grad]
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
@@ -89,26 +129,9 @@ class SamDecoder(MaskDecoderBridge):
         valid: Tensor,  # (B, m) bool
     ) -> tuple[Tensor, Tensor]:
         """Returns low-resolution mask logits (B, 4h, 4w) and SAM's predicted IoU (B,)."""
-        sam = self.sam
-        B = descriptions.shape[0]
-        # Our coordinates are continuous (pixel centres at +0.5), so no extra half-pixel shift here.
-        positions = sam.shared_image_embedding(points / self.image_size)  # (B, m, d_s)
-        keypoint_prompts = descriptions[:, 1:] + positions.to(descriptions.dtype)
-        # Invalid slots become SAM's own padding point, exactly as SAM pads its point prompts.
-        padding = sam.prompt_encoder.not_a_point_embed.weight.to(descriptions.dtype)  # (1, d_s)
-        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
-        global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
-        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
-
-        image_embeddings = embeddings
-        h, w = image_embeddings.shape[-2:]
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
-        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
-        masks, iou = sam.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=image_pe.to(image_embeddings.dtype),
-            sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
-            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
+        masks, iou = self.sam.mask_decoder(
+            image_embeddings=embeddings,
+            **self.prompts(descriptions, points, valid, embeddings),
             multimask_output=False,
         )
         return masks[:, 0, 0], iou[:, 0, 0]  # (B, 4h, 4w), (B,)

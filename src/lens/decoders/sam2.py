@@ -25,7 +25,7 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from lens.decoders.base import MaskDecoderBridge
+from lens.decoders.sam import SamFamilyDecoder
 from lens.geometry import DecoderFrame
 
 Sam2Embeddings = tuple[Tensor, Tensor, Tensor]  # (B, d/8, 4h, 4w), (B, d/4, 2h, 2w), (B, d, h, w)
@@ -43,7 +43,7 @@ def sam2_image_processor(
     )
 
 
-class Sam2Decoder(MaskDecoderBridge):
+class Sam2Decoder(SamFamilyDecoder):
     """Hugging Face ``Sam2Model`` (e.g. ``facebook/sam2.1-hiera-large``) in image mode, driven by LENS prompts.
 
     Arguments:
@@ -55,10 +55,8 @@ class Sam2Decoder(MaskDecoderBridge):
     name: ClassVar[str] = "sam2"
 
     def __init__(self, sam: Sam2Model, processor: ViTImageProcessorPil, train_mask_decoder: bool = True):
-        super().__init__()
-        self.sam = sam.requires_grad_(False)
+        super().__init__(sam, processor, train_mask_decoder)
         decoder = self.sam.mask_decoder
-        decoder.requires_grad_(train_mask_decoder)
         decoder.dynamic_multimask_via_stability = False  # always output token 0 (see the module docstring)
         # Parts that cannot reach LENS's single mask stay as pretrained: the IoU and object-score heads (their
         # outputs are not in the loss), the multimask hypernetworks, and conv_s0 / conv_s1, which run inside
@@ -66,20 +64,6 @@ class Sam2Decoder(MaskDecoderBridge):
         frozen = [decoder.iou_prediction_head, decoder.pred_obj_score_head, decoder.conv_s0, decoder.conv_s1]
         for module in [*frozen, *decoder.output_hypernetworks_mlps[1:]]:
             module.requires_grad_(False)
-        self.processor = processor
-        self.prompt_dim = sam.config.prompt_encoder_config.hidden_size
-        self.image_size = sam.config.prompt_encoder_config.image_size
-        self.cls_position = nn.Parameter(torch.randn(1, self.prompt_dim) * 0.02)  # [CLS] position of f_s
-
-    def train(self, mode: bool = True) -> Sam2Decoder:
-        super().train(mode)
-        self.sam.vision_encoder.eval()  # frozen parts never switch to training behaviour
-        self.sam.prompt_encoder.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.cls_position.device
 
     def frame(self, width: int, height: int) -> DecoderFrame:
         """``Sam2ImageProcessor``: the image stretched to the square input, no padding."""
@@ -88,14 +72,9 @@ class Sam2Decoder(MaskDecoderBridge):
     def drop_image_encoder(self) -> None:
         self.sam.vision_encoder = _DroppedImageEncoder()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.sam.mask_decoder.parameters()).dtype
-
-    def trainable_names(self) -> list[str]:
-        """[CLS] position and, when it trains, the mask decoder less the parts that cannot reach the single mask
-        (see ``__init__``): exactly the parameters left with ``requires_grad``."""
-        return [name for name, p in self.named_parameters() if p.requires_grad]
+    def encode_points(self, points: Tensor) -> Tensor:
+        """SAM 2's own random-Fourier point encoding (``prompt_encoder.shared_embedding``)."""
+        return self.sam.prompt_encoder.shared_embedding(points / self.image_size)
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> Sam2Embeddings:
@@ -115,26 +94,10 @@ class Sam2Decoder(MaskDecoderBridge):
         valid: Tensor,  # (B, m) bool
     ) -> tuple[Tensor, Tensor]:
         """Returns low-resolution mask logits (B, 4h, 4w) and SAM 2's predicted IoU (B,)."""
-        sam = self.sam
         feat_s0, feat_s1, image_embeddings = embeddings
-        B = descriptions.shape[0]
-        # Continuous coordinates (pixel centres at +0.5): no extra half-pixel shift.
-        positions = sam.prompt_encoder.shared_embedding(points / self.image_size)  # (B, m, d_s)
-        keypoint_prompts = descriptions[:, 1:] + positions.to(descriptions.dtype)
-        padding = sam.prompt_encoder.not_a_point_embed.weight.to(descriptions.dtype)  # (1, d_s)
-        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
-        global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
-        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
-
-        h, w = image_embeddings.shape[-2:]
-        dtype = image_embeddings.dtype
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
-        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
-        masks, iou, _, _ = sam.mask_decoder(
+        masks, iou, _, _ = self.sam.mask_decoder(
             image_embeddings=image_embeddings,
-            image_positional_embeddings=image_pe.to(dtype),
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
+            **self.prompts(descriptions, points, valid, image_embeddings),
             multimask_output=False,
             high_resolution_features=[feat_s0, feat_s1],
         )

@@ -64,26 +64,10 @@ class SamHQDecoder(SamDecoder):
         valid: Tensor,  # (B, m) bool
     ) -> tuple[Tensor, Tensor]:
         """Returns low-resolution mask logits (B, 4h, 4w) and SAM's predicted IoU (B,)."""
-        sam = self.sam
         image_embeddings, vit_features = embeddings
-        B = descriptions.shape[0]
-        # Continuous coordinates (pixel centres at +0.5): no extra half-pixel shift, as in SamDecoder.
-        positions = sam.shared_image_embedding(points / self.image_size)  # (B, m, d_s)
-        keypoint_prompts = descriptions[:, 1:] + positions.to(descriptions.dtype)
-        padding = sam.prompt_encoder.not_a_point_embed.weight.to(descriptions.dtype)  # (1, d_s)
-        keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
-        global_prompt = descriptions[:, :1] + self.cls_position.to(descriptions.dtype)
-        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
-
-        h, w = image_embeddings.shape[-2:]
-        dtype = image_embeddings.dtype
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
-        image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
-        masks, iou = sam.mask_decoder(
+        masks, iou = self.sam.mask_decoder(
             image_embeddings=image_embeddings,
-            image_positional_embeddings=image_pe.to(dtype),
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
+            **self.prompts(descriptions, points, valid, image_embeddings),
             multimask_output=False,
             hq_token_only=False,
             intermediate_embeddings=[vit_features],
