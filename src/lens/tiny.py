@@ -169,11 +169,11 @@ class TinySamSpec:
     decoder_mlp: int = 64
 
 
-def build_sam(spec: TinySamSpec | None = None, seed: int = 0) -> tuple[SamModel, SamProcessor]:
-    """A randomly initialised ``SamModel`` + ``SamProcessor``, shaped like SAM at a fraction of the size."""
-    spec = spec or TinySamSpec()
+def sam_config_kwargs(spec: TinySamSpec) -> tuple[dict, dict, dict]:
+    """Keyword arguments of the vision, prompt-encoder and mask-decoder configs of a small SAM-shaped model:
+    SAM's and SAM-HQ's config classes take the same fields."""
     grid = spec.image_size // spec.patch_size
-    vision = SamVisionConfig(
+    vision = dict(
         hidden_size=spec.vision_hidden,
         output_channels=spec.prompt_hidden,
         num_hidden_layers=spec.vision_layers,
@@ -185,29 +185,45 @@ def build_sam(spec: TinySamSpec | None = None, seed: int = 0) -> tuple[SamModel,
         num_pos_feats=spec.prompt_hidden // 2,
         mlp_dim=spec.vision_hidden * 4,
     )
-    prompt = SamPromptEncoderConfig(
+    prompt = dict(
         hidden_size=spec.prompt_hidden,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         mask_input_channels=max(spec.prompt_hidden // 4, 4),
     )
-    decoder = SamMaskDecoderConfig(
+    decoder = dict(
         hidden_size=spec.prompt_hidden,
         num_hidden_layers=spec.decoder_layers,
         num_attention_heads=spec.decoder_heads,
         mlp_dim=spec.decoder_mlp,
         iou_head_hidden_dim=spec.prompt_hidden,
     )
-    config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-    torch.manual_seed(seed)
-    model = SamModel(config).eval()
-    image_processor = SamImageProcessorPil(
+    return vision, prompt, decoder
+
+
+def sam_image_processor(spec: TinySamSpec) -> SamImageProcessorPil:
+    """SAM's pre-processing at ``spec``'s input size: resize the longest side, pad bottom-right."""
+    grid = spec.image_size // spec.patch_size
+    return SamImageProcessorPil(
         size={"longest_edge": spec.image_size},
         pad_size={"height": spec.image_size, "width": spec.image_size},
         mask_size={"longest_edge": grid * 4},
         mask_pad_size={"height": grid * 4, "width": grid * 4},
     )
-    return model, SamProcessor(image_processor=image_processor)
+
+
+def build_sam(spec: TinySamSpec | None = None, seed: int = 0) -> tuple[SamModel, SamProcessor]:
+    """A randomly initialised ``SamModel`` + ``SamProcessor``, shaped like SAM at a fraction of the size."""
+    spec = spec or TinySamSpec()
+    vision, prompt, decoder = sam_config_kwargs(spec)
+    config = SamConfig(
+        vision_config=SamVisionConfig(**vision),
+        prompt_encoder_config=SamPromptEncoderConfig(**prompt),
+        mask_decoder_config=SamMaskDecoderConfig(**decoder),
+    )
+    torch.manual_seed(seed)
+    model = SamModel(config).eval()
+    return model, SamProcessor(image_processor=sam_image_processor(spec))
 
 
 TEST_WORDS = [

@@ -23,65 +23,32 @@ from transformers import (
     SamHQPromptEncoderConfig,
     SamHQVisionConfig,
 )
-from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from lens.decoders.sam2 import sam2_image_processor
+from lens.tiny import TinySamSpec, sam_config_kwargs, sam_image_processor
 
-
-@dataclass
-class TinySamHQSpec:
-    image_size: int = 64
-    patch_size: int = 8  # image embedding grid = image_size / patch_size
-    vision_hidden: int = 32  # also SAM-HQ's vit_dim: the early ViT features its decoder fuses
-    vision_layers: int = 2
-    vision_heads: int = 2
-    prompt_hidden: int = 32
-    decoder_layers: int = 2
-    decoder_heads: int = 2
-    decoder_mlp: int = 64
+TinySamHQSpec = (
+    TinySamSpec  # SAM-HQ's sizes are SAM's; vision_hidden is also its vit_dim (fused early features)
+)
 
 
 def build_sam_hq(spec: TinySamHQSpec | None = None, seed: int = 0) -> tuple[SamHQModel, SamHQProcessor]:
     """A randomly initialised ``SamHQModel`` + ``SamHQProcessor`` (resize longest side + pad, like SAM)."""
     spec = spec or TinySamHQSpec()
-    grid = spec.image_size // spec.patch_size
-    vision = SamHQVisionConfig(
-        hidden_size=spec.vision_hidden,
-        output_channels=spec.prompt_hidden,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        window_size=max(grid // 2, 1),
-        global_attn_indexes=[0, spec.vision_layers - 1],  # SAM-HQ fuses the first global block's output
-        num_pos_feats=spec.prompt_hidden // 2,
-        mlp_dim=spec.vision_hidden * 4,
+    vision, prompt, decoder = sam_config_kwargs(spec)
+    vision["global_attn_indexes"] = [
+        0,
+        spec.vision_layers - 1,
+    ]  # SAM-HQ fuses the first global block's output
+    config = SamHQConfig(
+        vision_config=SamHQVisionConfig(**vision),
+        prompt_encoder_config=SamHQPromptEncoderConfig(**prompt),
+        mask_decoder_config=SamHQMaskDecoderConfig(**decoder, vit_dim=spec.vision_hidden),
     )
-    prompt = SamHQPromptEncoderConfig(
-        hidden_size=spec.prompt_hidden,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        mask_input_channels=max(spec.prompt_hidden // 4, 4),
-    )
-    decoder = SamHQMaskDecoderConfig(
-        hidden_size=spec.prompt_hidden,
-        num_hidden_layers=spec.decoder_layers,
-        num_attention_heads=spec.decoder_heads,
-        mlp_dim=spec.decoder_mlp,
-        iou_head_hidden_dim=spec.prompt_hidden,
-        vit_dim=spec.vision_hidden,
-    )
-    config = SamHQConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     torch.manual_seed(seed)
     model = SamHQModel(config).eval()
-    image_processor = SamImageProcessorPil(
-        size={"longest_edge": spec.image_size},
-        pad_size={"height": spec.image_size, "width": spec.image_size},
-        mask_size={"longest_edge": grid * 4},
-        mask_pad_size={"height": grid * 4, "width": grid * 4},
-    )
-    return model, SamHQProcessor(image_processor=image_processor)
+    return model, SamHQProcessor(image_processor=sam_image_processor(spec))
 
 
 @dataclass
