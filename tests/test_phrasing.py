@@ -183,6 +183,9 @@ def test_reworded_queries_mean_exactly_their_target(scenes: list[Scene]) -> None
             for query in scene.segmentation_queries(phrasing):
                 text, target = query.sample.query, query.target
                 assert text == text.strip() and "  " not in text, text
+                if query.kind == "no_target" and not query.ref.clues:  # said like a referring query
+                    assert refer(canonical_form(text), scene.objects) == [], text  # describes no object
+                    forms.add("no_target")
                 if query.kind == "no_target":
                     continue
                 if query.kind == "referring":
@@ -197,7 +200,7 @@ def test_reworded_queries_mean_exactly_their_target(scenes: list[Scene]) -> None
                         o for o in scene.objects if shape in (None, o.shape) and colour in (None, o.colour)
                     ]
                     assert fits == [target], text
-    assert forms == {"varied", "held_out"}
+    assert forms == {"varied", "held_out", "no_target"}
 
 
 def test_reworded_vqa_answers_fit_the_question(scenes: list[Scene]) -> None:
