@@ -9,6 +9,7 @@ offline from the synthetic world; the models are the shipped checkpoints.
     python benchmarks/train_step.py --threads 2 --steps 12
     python benchmarks/train_step.py --device cuda
     python benchmarks/train_step.py --threads 2 --cached   # the same steps read from a feature cache
+    python benchmarks/train_step.py --threads 2 --bf16     # forward under bf16 autocast (fp32 weights)
 
 With ``--cached`` the same batches are first written to a feature cache (``lens.cache.build_cache``, untimed),
 the MLLM and SAM's image encoder are dropped as ``lens train --cache-root`` drops them, and ``inputs`` is the
@@ -61,9 +62,15 @@ class _FirstItems:
 
 
 def time_steps(
-    config: LensConfig, device: torch.device, steps: int, warmup: int, cached: bool = False
+    config: LensConfig,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    cached: bool = False,
+    bf16: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds per phase for each of ``steps`` training steps, after ``warmup`` untimed ones."""
+    """Seconds per phase for each of ``steps`` training steps, after ``warmup`` untimed ones; ``bf16`` runs
+    the inputs and the forward under bf16 autocast, as ``train.mixed_precision: bf16`` does."""
     torch.manual_seed(config.train.seed)
     model = build_lens(config, device).train()
     data = build_train_data(config).train
@@ -89,10 +96,11 @@ def time_steps(
     times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     for index, rows in enumerate(batches):
         t0 = now()
-        inputs = lens_inputs(model, rows)
-        t1 = now()
-        out = model(inputs)
-        t2 = now()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            inputs = lens_inputs(model, rows)
+            t1 = now()
+            out = model(inputs)
+            t2 = now()
         out.loss.backward()
         t3 = now()
         optimizer.step()
@@ -112,16 +120,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cached", action="store_true", help="time steps on a feature cache of the batches")
+    parser.add_argument("--bf16", action="store_true", help="inputs and forward under bf16 autocast")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = LensConfig.from_yaml(args.config)
-    times = time_steps(config, torch.device(args.device), args.steps, args.warmup, args.cached)
+    times = time_steps(config, torch.device(args.device), args.steps, args.warmup, args.cached, args.bf16)
     total = [sum(parts) for parts in zip(*times.values(), strict=True)]
     logger.info(
-        "%s, %d threads, %d scenes x 3 queries a step%s, median of %d steps:",
+        "%s%s, %d threads, %d scenes x 3 queries a step%s, median of %d steps:",
         args.device,
+        " bf16 autocast" if args.bf16 else "",
         torch.get_num_threads(),
         config.train.batch_size,
         ", from a feature cache" if args.cached else "",
