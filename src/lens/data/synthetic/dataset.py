@@ -2,8 +2,10 @@
 
 Configured by ``data.datasets.synthetic``: ``seed`` (the world's), ``eval_scenes`` (how many scenes of a val /
 test split are scored, every query of each; default 100, null: the whole split) and any other
-``SyntheticWorld`` field (e.g. ``train_size`` for a small world in tests). Training items are scenes with up to
-``data.num_classes_per_sample`` of their queries, redrawn per epoch; evaluation items are single queries.
+``SyntheticWorld`` field (e.g. ``train_size`` for a small world in tests, ``phrasing``). Training items are
+scenes with up to ``data.num_classes_per_sample`` of their queries, redrawn per epoch; evaluation items are
+single queries. Besides ``val`` and ``test``, ``val_heldout_phrasing`` and ``test_heldout_phrasing`` score the
+same queries (scenes, kinds, targets, masks, names) worded only with the held-out phrasing pools.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import numpy as np
 
 from lens.config import DataConfig
 from lens.data.registry import TRAIN_SPLIT, DatasetSpec, dataset_options, register_dataset
+from lens.data.synthetic.phrasing import HELD_OUT
 from lens.data.synthetic.queries import SegQuery
 from lens.data.synthetic.world import SPLITS, SyntheticWorld
 from lens.data.types import Sample
 
 SYNTHETIC = "synthetic"
 EVAL_SCENES = 100  # default scenes of a val / test split scored (about 1,250 queries)
+HELD_OUT_PHRASING = "_heldout_phrasing"  # "test_heldout_phrasing": the test split in held-out phrasings
 _OWN_OPTIONS = ("eval_scenes",)  # the rest are SyntheticWorld fields
 
 
@@ -57,11 +61,14 @@ class SyntheticScenes(Sequence[list[Sample]]):
 class SyntheticQueries(Sequence[Sample]):
     """Evaluation view of a synthetic split: every query of its first ``num_scenes`` scenes, one per item.
 
-    A query whose target's colour x shape pair was held out of training is flagged ``held_out``.
+    A query whose target's colour x shape pair was held out of training is flagged ``held_out``. ``phrasing``
+    (default: the world's) words every query; any phrasing gives the same items in the same order.
     """
 
-    def __init__(self, world: SyntheticWorld, split: str, num_scenes: int | None = None):
-        self.scenes, self.held_out_pairs = world.split(split), world.held_out_pairs
+    def __init__(
+        self, world: SyntheticWorld, split: str, num_scenes: int | None = None, phrasing: str | None = None
+    ):
+        self.scenes, self.held_out_pairs, self.phrasing = world.split(split), world.held_out_pairs, phrasing
         n = len(self.scenes) if num_scenes is None else min(num_scenes, len(self.scenes))
         self._items = [(s, k) for s in range(n) for k in range(len(self.scenes[s].segmentation_queries()))]
 
@@ -70,7 +77,7 @@ class SyntheticQueries(Sequence[Sample]):
 
     def query(self, index: int) -> SegQuery:
         scene, k = self._items[index]
-        return self.scenes[scene].segmentation_queries()[k]
+        return self.scenes[scene].segmentation_queries(self.phrasing)[k]
 
     def __getitem__(self, index: int) -> Sample:  # type: ignore[override]  # no slices
         return _as_sample(self.query(index), self.held_out_pairs)
@@ -90,14 +97,30 @@ def world_from_config(data: DataConfig) -> SyntheticWorld:
     return SyntheticWorld(**options)
 
 
+def eval_queries(data: DataConfig, split: str) -> SyntheticQueries:
+    """The evaluation items of ``split``: "val", "test", or either with the ``HELD_OUT_PHRASING`` suffix."""
+    base = split.removesuffix(HELD_OUT_PHRASING)
+    if base not in SPLITS or base == TRAIN_SPLIT:
+        raise ValueError(f"unknown synthetic evaluation split {split!r}; expected one of {EVAL_SPLITS}")
+    phrasing = HELD_OUT if split.endswith(HELD_OUT_PHRASING) else None
+    return SyntheticQueries(world_from_config(data), base, _eval_scenes(data), phrasing)
+
+
 def _eval_scenes(data: DataConfig) -> int | None:
     return dataset_options(data, SYNTHETIC).get("eval_scenes", EVAL_SCENES)
 
 
 def _cache_options(data: DataConfig, split: str, train: bool) -> dict[str, Any]:
     options = {k: v for k, v in dataset_options(data, SYNTHETIC).items() if k not in _OWN_OPTIONS}
-    return options if train else {**options, "eval_scenes": _eval_scenes(data)}
+    if train:
+        return options
+    if split.endswith(HELD_OUT_PHRASING):
+        options = {**options, "phrasing": HELD_OUT}
+    return {**options, "eval_scenes": _eval_scenes(data)}
 
+
+_BASE_EVAL_SPLITS = tuple(s for s in SPLITS if s != TRAIN_SPLIT)
+EVAL_SPLITS: tuple[str, ...] = (*_BASE_EVAL_SPLITS, *(s + HELD_OUT_PHRASING for s in _BASE_EVAL_SPLITS))
 
 SPEC = register_dataset(
     DatasetSpec(
@@ -106,8 +129,8 @@ SPEC = register_dataset(
         train_reader=lambda data, seed: SyntheticScenes(
             world_from_config(data), TRAIN_SPLIT, data.num_classes_per_sample, seed
         ),
-        eval_reader=lambda data, split: SyntheticQueries(world_from_config(data), split, _eval_scenes(data)),
-        eval_splits=tuple(s for s in SPLITS if s != TRAIN_SPLIT),
+        eval_reader=eval_queries,
+        eval_splits=EVAL_SPLITS,
         cache_options=_cache_options,
     )
 )

@@ -1,7 +1,8 @@
 """Every piece of text the synthetic world can say, and the word-level tokenisation it is written for.
 
-All templates live here so that ``world_vocabulary`` can list every token by reading them, rather than by
-sampling scenes and hoping to have seen every word.
+All canonical templates live here (the pools of the other phrasings in ``phrasing.py``) so that
+``world_vocabulary`` can list every token by reading them, rather than by sampling scenes and hoping to have
+seen every word.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from lens.data.synthetic.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
 
 _TOKEN = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")  # words, numbers, and any other character on its own
 _FIELD = re.compile(r"\{[a-z_]+\}")  # a template's placeholder
@@ -97,6 +99,16 @@ REASONING_LONG: tuple[str, ...] = (
 )
 CLUE_JOIN = " and "
 
+# Every token of the agent's router prompt (lens.agent.router.RouterPrompt: instruction, turn format, labels,
+# content-free turn, examples). lens.data may not import lens.agent; tests/test_phrasing.py checks this list
+# against RouterPrompt() so the two cannot drift apart.
+AGENT_PROMPT_WORDS: tuple[str, ...] = (
+    "which", "kind", "of", "request", "is", "this", "?", "one", ":", "a", "question", "about", "the", "image",
+    ".", "two", "to", "segment", "something", "three", "object", "segmented", "before", "n", "/", "what",
+    "colour", "ring", "please", "red", "star", "shape", "thing", "you", "found",
+)  # fmt: skip
+VOCABULARY_VERSIONS: tuple[int, ...] = (1, 2)
+
 
 def tokenize_words(text: str) -> list[str]:
     """Split text the way the world's word-level tokenizer does: lowercase words, each punctuation mark alone."""
@@ -156,6 +168,18 @@ def _all_text() -> Iterator[str]:
     yield from (*REASONING_LONG, CLUE_JOIN)
 
 
-def world_vocabulary() -> list[str]:
-    """Every token (see ``tokenize_words``) any text of the synthetic world can contain, sorted."""
-    return sorted({token for text in _all_text() for token in tokenize_words(_FIELD.sub(" ", text))})
+def world_vocabulary(version: int = 1) -> list[str]:
+    """Every token (see ``tokenize_words``) the synthetic world's text can contain, sorted.
+
+    Version 1 (the default, which the shipped tokenizer was built from) covers the canonical phrasing only.
+    Version 2, a superset, adds every token of every phrasing (seen and held-out pools, typos included), of
+    LENS's prompt templates (``lens.data.templates``) and of the agent's router prompt (``AGENT_PROMPT_WORDS``).
+    """
+    if version not in VOCABULARY_VERSIONS:
+        raise ValueError(f"unknown world vocabulary version {version}; expected one of {VOCABULARY_VERSIONS}")
+    texts: list[str] = list(_all_text())
+    if version >= 2:
+        from lens.data.synthetic.phrasing import phrasing_text  # phrasing.py builds on this module
+
+        texts += [*phrasing_text(), *SHORT_QUESTION_TEMPLATES, *LONG_QUESTION_TEMPLATES, *AGENT_PROMPT_WORDS]
+    return sorted({token for text in texts for token in tokenize_words(_FIELD.sub(" ", text))})

@@ -34,6 +34,7 @@ from lens.data.synthetic.language import (
     Description,
     join_list,
 )
+from lens.data.synthetic.phrasing import Phraser, Ref
 from lens.data.synthetic.scene import COLOURS, SHAPES, SceneObject
 from lens.data.types import Sample
 
@@ -76,11 +77,13 @@ class SegQuery:
         sample: image, query text and target mask (all zeros for ``no_target``).
         kind: one of ``QUERY_KINDS``.
         target: the object the query describes; None for ``no_target``.
+        ref: what the query says (attributes, relation, extreme or clues), whatever its phrasing.
     """
 
     sample: Sample
     kind: str
     target: SceneObject | None
+    ref: Ref | None = None
 
 
 def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
@@ -126,6 +129,11 @@ def extreme_of(candidates: Sequence[SceneObject], extreme: str, gap: float) -> S
     return ordered[0]
 
 
+def _said(desc: Description, article: str = "the") -> Ref:
+    """``desc`` as a canonical noun phrase ("the red ring", "a red ring", "red rings")."""
+    return Ref(desc, desc.plural() if article == "plural" else desc.phrase(article), article=article)
+
+
 def caption(objects: Sequence[SceneObject], background: str) -> str:
     """One sentence naming every object, left to right."""
     ordered = sorted(objects, key=lambda o: o.centre[0])
@@ -134,41 +142,53 @@ def caption(objects: Sequence[SceneObject], background: str) -> str:
 
 
 def scene_vqa(
-    objects: Sequence[SceneObject], background: str, height: int, width: int, rng: np.random.Generator
+    objects: Sequence[SceneObject],
+    background: str,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    phraser: Phraser | None = None,
 ) -> list[QA]:
     """Questions with one-word answers about every object, count and pair, a caption, and "identify" questions.
 
     An identify question names the object a referring expression or a reasoning clue picks out ("what is the
     thing that has five points?" → "small red star"); its answer is the object's size, colour and shape.
+    ``rng`` chooses what is asked (and the canonical wording); a ``phraser`` (with its own generator) rewords
+    each question, so every phrasing asks the same questions with the same answers.
     """
     gap = RELATION_GAP * min(height, width)
     qas: list[QA] = []
 
-    def ask(kind: str, answer: str, **slots: str) -> None:
-        qas.append(QA(_pick(rng, VQA_TEMPLATES[kind]).format(**slots), answer, kind))
+    def ask(kind: str, answer: str, **slots: Ref | str) -> None:
+        template = _pick(rng, VQA_TEMPLATES[kind])
+        if phraser is not None:
+            question = phraser.question(kind, slots)
+        else:
+            question = template.format(**{k: v if isinstance(v, str) else v.text for k, v in slots.items()})
+        qas.append(QA(question, answer, kind))
 
     for obj in objects:
         described = unique_descriptions(obj, objects)
         for attribute in ("colour", "shape", "size"):  # never name the attribute asked about
             usable = [d for d in described if attribute not in d.attributes]
             if usable:
-                ask(attribute, getattr(obj, attribute), target=_pick(rng, usable).phrase())
+                ask(attribute, getattr(obj, attribute), target=_said(_pick(rng, usable)))
         side = position_of(obj, height, width)
         if side and described:
-            ask("position", side, target=_pick(rng, described).phrase())
+            ask("position", side, target=_said(_pick(rng, described)))
 
     shapes = sorted({o.shape for o in objects})
     absent_shapes = [s for s in SHAPES if s not in shapes]
     counted = [Description(shape=s) for s in shapes + ([_pick(rng, absent_shapes)] if absent_shapes else [])]
     counted += [Description(colour=c) for c in sorted({o.colour for o in objects})] + [Description()]
     for desc in counted:
-        ask("count", NUMBER_WORDS[sum(desc.matches(o) for o in objects)], things=desc.plural())
+        ask("count", NUMBER_WORDS[sum(desc.matches(o) for o in objects)], things=_said(desc, "plural"))
 
     present = sorted({(o.colour, o.shape) for o in objects})
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     chosen = rng.choice(len(absent), size=min(len(present), len(absent)), replace=False)
     for (colour, shape), answer in [(p, YES) for p in present] + [(absent[i], NO) for i in chosen]:
-        ask("exists", answer, thing=Description(colour=colour, shape=shape).phrase("a"))
+        ask("exists", answer, thing=_said(Description(colour=colour, shape=shape), "a"))
 
     for a, b in combinations(objects, 2):
         a, b = (b, a) if rng.random() < 0.5 else (a, b)
@@ -176,7 +196,7 @@ def scene_vqa(
         relations = [r for r in RELATIONS if relation_holds(a, b, r, gap) is not None]
         if names_a and names_b and relations:
             relation = _pick(rng, relations)
-            anchor, target = _pick(rng, names_b).phrase(), _pick(rng, names_a).phrase()
+            anchor, target = _said(_pick(rng, names_b)), _said(_pick(rng, names_a))
             ask(
                 "relation",
                 YES if relation_holds(a, b, relation, gap) else NO,
@@ -201,12 +221,12 @@ def scene_vqa(
 
 def _referring(
     obj: SceneObject, objects: Sequence[SceneObject], gap: float, unspeakable: frozenset[tuple[str, str]]
-) -> list[list[str]]:
+) -> list[list[Ref]]:
     """Unambiguous referring expressions for ``obj``, grouped as [by attributes, by relation, by extreme].
 
     An anchor ("... left of the red star") is never named by an ``unspeakable`` (colour, shape) pair.
     """
-    by_attributes = [d.phrase() for d in unique_descriptions(obj, objects)]
+    by_attributes = [_said(d) for d in unique_descriptions(obj, objects)]
     # What the target itself may be called, from "the object" to "the large red ring".
     partial = [Description(), *(Description.of(obj, a) for a in ATTRIBUTE_SETS)]
     by_relation = []
@@ -216,7 +236,7 @@ def _referring(
         ]
         if anchor is obj or not anchor_names:
             continue
-        anchor_name = min(anchor_names, key=lambda d: len(d.attributes)).phrase()
+        anchor_name = min(anchor_names, key=lambda d: len(d.attributes))
         others = [o for o in objects if o is not anchor]
         for relation in RELATIONS:
             if not relation_holds(obj, anchor, relation, gap):
@@ -225,13 +245,12 @@ def _referring(
             for desc in partial:
                 fitting = [h for o, h in zip(others, holds, strict=True) if desc.matches(o)]
                 if fitting.count(True) == 1 and None not in fitting:  # obj is the one True
-                    by_relation.append(
-                        RELATIONAL_REFERRING.format(
-                            target=desc.phrase(), relation=relation, anchor=anchor_name
-                        )
+                    text = RELATIONAL_REFERRING.format(
+                        target=desc.phrase(), relation=relation, anchor=anchor_name.phrase()
                     )
+                    by_relation.append(Ref(desc, text, relation=relation, anchor=anchor_name))
     by_extreme = [
-        EXTREME_REFERRING.format(extreme=extreme, target=desc.phrase(""))
+        Ref(desc, EXTREME_REFERRING.format(extreme=extreme, target=desc.phrase("")), extreme=extreme)
         for desc in partial
         for extreme in EXTREMES
         if extreme_of([o for o in objects if desc.matches(o)], extreme, gap) is obj
@@ -239,17 +258,21 @@ def _referring(
     return [by_attributes, by_relation, by_extreme]
 
 
-def _clue(desc: Description, rng: np.random.Generator) -> str:
-    """An indirect predicate ("has a hole in it and is coloured like grass") true of exactly ``desc``."""
+def _clues(desc: Description, rng: np.random.Generator) -> list[str]:
+    """Indirect predicates ("has a hole in it", "is coloured like grass") true together of exactly ``desc``."""
     clues = [_pick(rng, SHAPE_CLUES[desc.shape])] if desc.shape else []
     clues += [_pick(rng, COLOUR_CLUES[desc.colour])] if desc.colour else []
-    return CLUE_JOIN.join(clues[:: _pick(rng, (1, -1))])
+    return clues[:: _pick(rng, (1, -1))]
 
 
-def _reasoning(desc: Description, long: bool, rng: np.random.Generator) -> str:
+def _reasoning(desc: Description, long: bool, rng: np.random.Generator) -> Ref:
     if long:
-        return _pick(rng, REASONING_LONG).format(clue=_clue(desc, rng))
-    return REASONING_SHORT.format(noun=_pick(rng, REASONING_NOUNS), clue=_clue(desc, rng))
+        template = _pick(rng, REASONING_LONG)
+        clues = _clues(desc, rng)
+        return Ref(desc, template.format(clue=CLUE_JOIN.join(clues)), clues=tuple(clues), sentence=True)
+    noun = _pick(rng, REASONING_NOUNS)
+    clues = _clues(desc, rng)
+    return Ref(desc, REASONING_SHORT.format(noun=noun, clue=CLUE_JOIN.join(clues)), clues=tuple(clues))
 
 
 def scene_segmentation_queries(
@@ -259,6 +282,7 @@ def scene_segmentation_queries(
     rng: np.random.Generator,
     excluded_targets: frozenset[tuple[str, str]] = frozenset(),
     no_target_fraction: float = 0.0,
+    phraser: Phraser | None = None,
 ) -> list[SegQuery]:
     """One referring, one short and one long reasoning query per object where possible, plus no-target queries.
 
@@ -266,21 +290,23 @@ def scene_segmentation_queries(
         image: (H, W, 3) uint8, shared by every returned sample.
         excluded_targets: (colour, shape) pairs held out of training: never the target, nor named at all.
         no_target_fraction: expected fraction of the returned queries that describe an absent object.
+        phraser: rewords every query (its own generator); None keeps the canonical text. ``rng`` alone
+            decides the queries, kinds and targets, so they are the same in every phrasing.
     """
     if not 0.0 <= no_target_fraction < 1.0:
         raise ValueError(f"no_target_fraction must be in [0, 1), got {no_target_fraction}")
     gap = RELATION_GAP * min(image.shape[:2])
-    made: list[tuple[str, str, bool, SceneObject | None]] = []  # (kind, text, is_sentence, target)
+    made: list[tuple[str, Ref, SceneObject | None]] = []  # (kind, meaning, target)
     for obj in objects:
         if (obj.colour, obj.shape) in excluded_targets:
             continue
         groups = [g for g in _referring(obj, objects, gap, excluded_targets) if g]
         if groups:
-            made.append(("referring", _pick(rng, _pick(rng, groups)), False, obj))
+            made.append(("referring", _pick(rng, _pick(rng, groups)), obj))
         clued = unique_descriptions(obj, objects, CLUE_SETS)
         if clued:
-            made.append(("reasoning_short", _reasoning(_pick(rng, clued), False, rng), False, obj))
-            made.append(("reasoning_long", _reasoning(_pick(rng, clued), True, rng), True, obj))
+            made.append(("reasoning_short", _reasoning(_pick(rng, clued), False, rng), obj))
+            made.append(("reasoning_long", _reasoning(_pick(rng, clued), True, rng), obj))
 
     candidates = [Description(shape=s) for s in SHAPES] + [Description(colour=c) for c in COLOURS]
     candidates += [
@@ -293,12 +319,13 @@ def scene_segmentation_queries(
     )
     for _ in range(num_absent):
         desc, style = _pick(rng, absent), _pick(rng, QUERY_KINDS[:3])
-        text = desc.phrase() if style == "referring" else _reasoning(desc, style == "reasoning_long", rng)
-        made.append(("no_target", text, style == "reasoning_long", None))
+        ref = _said(desc) if style == "referring" else _reasoning(desc, style == "reasoning_long", rng)
+        made.append(("no_target", ref, None))
 
     queries = []
-    for k, (kind, text, is_sentence, target) in enumerate(made):
+    for k, (kind, ref, target) in enumerate(made):
         mask = np.zeros(image.shape[:2], np.uint8) if target is None else target.mask.astype(np.uint8)
-        sample = Sample(image, text, mask, is_sentence=is_sentence, source=SOURCE, name=f"{name}_{k:02d}")
-        queries.append(SegQuery(sample, kind, target))
+        text = ref.text if phraser is None else phraser.query(ref)
+        sample = Sample(image, text, mask, is_sentence=ref.sentence, source=SOURCE, name=f"{name}_{k:02d}")
+        queries.append(SegQuery(sample, kind, target, ref))
     return queries

@@ -12,6 +12,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from lens.data.synthetic.phrasing import CANONICAL, WORLD_PHRASINGS, Phraser, check_phrasing
 from lens.data.synthetic.queries import QA, SegQuery, scene_segmentation_queries, scene_vqa
 from lens.data.synthetic.scene import (
     BACKGROUNDS,
@@ -44,6 +45,7 @@ class Scene:
         background: one of ``BACKGROUNDS`` (named in captions).
         seed: drives the choice of templates in ``vqa`` and ``segmentation_queries``, which are deterministic.
         excluded_targets: (colour, shape) pairs no segmentation query may target.
+        phrasing: how ``vqa`` and ``segmentation_queries`` word their text by default (``PHRASINGS``).
     """
 
     image: np.ndarray
@@ -53,6 +55,10 @@ class Scene:
     seed: int = 0
     excluded_targets: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     no_target_fraction: float = DEFAULT_NO_TARGET_FRACTION
+    phrasing: str = CANONICAL
+
+    def __post_init__(self) -> None:
+        check_phrasing(self.phrasing)
 
     @classmethod
     def from_placements(
@@ -70,12 +76,23 @@ class Scene:
         )
         return cls(image, objects, background, seed=seed, **kwargs)
 
-    def vqa(self) -> list[QA]:
-        """(question, answer, kind) triples; kind is a key of ``VQA_TEMPLATES``."""
-        height, width = self.image.shape[:2]
-        return scene_vqa(self.objects, self.background, height, width, np.random.default_rng([self.seed, 0]))
+    def _phraser(self, phrasing: str | None, stream: int) -> Phraser | None:
+        phrasing = check_phrasing(self.phrasing if phrasing is None else phrasing)
+        return (
+            None if phrasing == CANONICAL else Phraser(phrasing, np.random.default_rng([self.seed, stream]))
+        )
 
-    def segmentation_queries(self) -> list[SegQuery]:
+    def vqa(self, phrasing: str | None = None) -> list[QA]:
+        """(question, answer, kind) triples; kind is a key of ``VQA_TEMPLATES``.
+
+        Every phrasing (default: the scene's) asks the same questions, with the same answers, in order.
+        """
+        height, width = self.image.shape[:2]
+        rng = np.random.default_rng([self.seed, 0])
+        return scene_vqa(self.objects, self.background, height, width, rng, self._phraser(phrasing, 2))
+
+    def segmentation_queries(self, phrasing: str | None = None) -> list[SegQuery]:
+        """The scene's queries; every phrasing (default: the scene's) has the same kinds, targets and masks."""
         return scene_segmentation_queries(
             self.image,
             self.objects,
@@ -83,6 +100,7 @@ class Scene:
             np.random.default_rng([self.seed, 1]),
             self.excluded_targets,
             self.no_target_fraction,
+            self._phraser(phrasing, 3),
         )
 
 
@@ -100,8 +118,12 @@ class SyntheticWorld:
     val_size: int = 500
     test_size: int = 1_000
     held_out_pairs: frozenset[tuple[str, str]] = HELD_OUT_PAIRS
+    # "canonical" (the original text) or "varied" (seen pools); held-out pools are only ever asked for
+    # explicitly (Scene.vqa(phrasing="held_out"), the *_heldout_phrasing evaluation splits).
+    phrasing: str = CANONICAL
 
     def __post_init__(self) -> None:
+        check_phrasing(self.phrasing, WORLD_PHRASINGS)
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(
                 f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
@@ -139,6 +161,7 @@ class SyntheticWorld:
             seed=int(text_seed.generate_state(1)[0]),
             excluded_targets=self.held_out_pairs if split in HELD_OUT_SPLITS else frozenset(),
             no_target_fraction=self.no_target_fraction,
+            phrasing=self.phrasing,
         )
 
 
@@ -168,7 +191,9 @@ class SceneSplit(Sequence[Scene]):
             raise IndexError(f"scene {index} out of range for the {len(self)} scenes of {self.name!r}")
         return self.world.scene(self.name, index % len(self))
 
-    def segmentation_queries(self, num_scenes: int | None = None) -> Iterator[SegQuery]:
+    def segmentation_queries(
+        self, num_scenes: int | None = None, phrasing: str | None = None
+    ) -> Iterator[SegQuery]:
         """Every segmentation query of the first ``num_scenes`` scenes (all by default)."""
         for i in range(len(self) if num_scenes is None else min(num_scenes, len(self))):
-            yield from self[i].segmentation_queries()
+            yield from self[i].segmentation_queries(phrasing)
