@@ -122,6 +122,17 @@ def test_intent_items_are_the_routers_prompt(scenes):
             assert len(tokenize_words(item.qa.question)) + 1 <= budget
 
 
+def test_held_out_turns_use_the_held_out_phrasing(scenes):
+    scene = scenes[0]
+    held = {qa.question for qa in scene.vqa("held_out")}
+    turns = [
+        t
+        for t, intent in skills.intent_turns(scene, np.random.default_rng(0), 50, True)
+        if intent == "dialogue"
+    ]
+    assert turns and set(turns) <= held and held != {qa.question for qa in scene.vqa()}
+
+
 def test_held_out_frames_never_reach_training(scenes):
     held_follow = {f for _, held in FOLLOW_UP_FRAMES.values() for f in held}
     held_requests = [f.split("{q}")[0] for f in REQUEST_FRAMES_HELD_OUT]
@@ -267,6 +278,10 @@ def test_bad_skill_and_phrasing_are_usage_errors(tmp_path):
     assert MllmTrainConfig(skills=("box",), kind_weights={"box": 2.0}).kind_weights == {"box": 2.0}
     result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--skill", "bxo"])
     assert result.exit_code == 2 and "bxo" in result.output
+    with pytest.raises(ValueError, match="held_out"):
+        MllmTrainConfig(phrasing="held_out")  # never trained on: the held-out pools are for evaluation
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "out"), "--phrasing", "fancy"])
+    assert result.exit_code == 2 and "fancy" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -312,7 +327,9 @@ def test_tiny_run_with_every_skill_grows_and_scores(tmp_path):
     plain = train_mllm(TINY, base)
     assert "skills_test" not in plain
     old = AutoProcessor.from_pretrained(base).tokenizer.get_vocab()
-    cfg = dataclasses.replace(TINY, init_from=str(base), skills=SKILLS, kind_weights={"intent": 2.0})
+    cfg = dataclasses.replace(
+        TINY, init_from=str(base), skills=SKILLS, kind_weights={"intent": 2.0}, phrasing="varied"
+    )
     metrics = train_mllm(cfg, tmp_path / "skills")
     tokenizer = AutoProcessor.from_pretrained(tmp_path / "skills").tokenizer
     assert {w: tokenizer.get_vocab()[w] for w in old} == old and len(tokenizer) > len(old)
@@ -324,7 +341,8 @@ def test_tiny_run_with_every_skill_grows_and_scores(tmp_path):
     assert 0.0 <= scored["box"]["mean_iou"] <= 1.0 and scored["box"]["num_questions"] > 0
     assert set(scored["intent_router"]) == {"seen", "heldout"}
     assert scored["intent_router"]["seen"]["num_questions"] == 6  # 2 turns of each intent, one scene
-    assert saved["config"]["skills"] == list(SKILLS)
+    assert saved["config"]["skills"] == list(SKILLS) and saved["config"]["phrasing"] == "varied"
+    assert set(world_vocabulary(version=2)) <= set(tokenizer.get_vocab())
 
 
 def test_evaluate_command_scores_a_checkpoint(tmp_path):

@@ -138,13 +138,7 @@ class MllmTrainConfig:
             raise ValueError(f"kind weights must be positive, finite and not for captions, got {bad}")
         if self.init_from is not None:
             checkpoint_dir(self.init_from)
-        if self.phrasing != "canonical":
-            try:
-                self.world()
-            except TypeError:
-                raise ValueError(
-                    f"this world has no phrasing {self.phrasing!r}; it speaks canonical only"
-                ) from None
+        self.world()  # an unknown phrasing is a ValueError naming the world's phrasings
         if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
             raise ValueError(f"stop_after must be in 1..steps ({self.steps}), got {self.stop_after}")
 
@@ -154,10 +148,8 @@ class MllmTrainConfig:
         return bool(self.skills) or self.phrasing != "canonical"
 
     def world(self) -> SyntheticWorld:
-        """The world of the run; ``phrasing`` is passed only when not canonical (today's world otherwise)."""
-        if self.phrasing == "canonical":
-            return SyntheticWorld(seed=self.world_seed)
-        return SyntheticWorld(seed=self.world_seed, phrasing=self.phrasing)  # type: ignore[call-arg]
+        """The world of the run (canonical phrasing: today's world)."""
+        return SyntheticWorld(seed=self.world_seed, phrasing=self.phrasing)
 
     def vocabulary(self) -> list[str]:
         """Words of a fresh model's tokenizer: the shipped list, or the extended one when the run needs it."""

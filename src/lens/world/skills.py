@@ -38,6 +38,7 @@ from lens.agent.agent import side_by_side
 from lens.agent.router import INTENTS, Router, RouterPrompt
 from lens.data.synthetic import QA, Description, Scene, SyntheticWorld, tokenize_words, world_vocabulary
 from lens.data.synthetic.language import ATTRIBUTES
+from lens.data.synthetic.phrasing import HELD_OUT
 from lens.data.synthetic.queries import position_of
 from lens.data.templates import LONG_QUESTION_TEMPLATES, SHORT_QUESTION_TEMPLATES
 from lens.tiny import split_words
@@ -181,9 +182,10 @@ def box_identify_items(scene: Scene, rng: np.random.Generator) -> list[SkillItem
 
 def segmentation_requests(scene: Scene, rng: np.random.Generator, held_out: bool = False) -> list[str]:
     """User turns asking to segment something of the scene: LISA's templates and plain frames (seen ones, or
-    only held-out frames), and the long reasoning queries as they are."""
+    only held-out frames), and the long reasoning queries as they are. Held-out turns word the queries in the
+    world's held-out phrasing too."""
     requests = []
-    for q in scene.segmentation_queries():
+    for q in scene.segmentation_queries(HELD_OUT if held_out else None):
         if q.sample.is_sentence:
             requests.append(q.sample.query if held_out else _pick(rng, (q.sample.query, *_lisa_long(q))))
         elif held_out:
@@ -214,7 +216,7 @@ def intent_turns(
     scene: Scene, rng: np.random.Generator, per_intent: int, held_out: bool = False
 ) -> list[tuple[str, str]]:
     """(turn, intent) pairs, ``per_intent`` of each intent (fewer when the scene has fewer)."""
-    dialogue = [qa.question for qa in scene.vqa()]
+    dialogue = [qa.question for qa in scene.vqa(HELD_OUT if held_out else None)]
     requests = segmentation_requests(scene, rng, held_out)
     follow = [f for f, _ in follow_up_questions(held_out)]
     turns = []
@@ -312,10 +314,7 @@ def _skill_text() -> Iterator[str]:
 
 def skill_vocabulary() -> list[str]:
     """The world's extended vocabulary plus every token the skills can write, sorted."""
-    try:
-        base = world_vocabulary(version=2)  # type: ignore[call-arg]
-    except TypeError:  # a world without the extended list: its own words
-        base = world_vocabulary()
+    base = world_vocabulary(version=2)
     fields = re.compile(r"\{[a-z_]+\}")
     words = {t for text in _skill_text() for t in split_words(fields.sub(" ", text)) if t != "\n"}
     return sorted(set(base) | words)
