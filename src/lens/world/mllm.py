@@ -443,6 +443,9 @@ def main(
         int, typer.Option(help="images per whole-model step")
     ] = MllmTrainConfig.scenes_per_step,
     lr: Annotated[float, typer.Option(help="whole-model peak learning rate")] = MllmTrainConfig.lr,
+    questions_per_scene: Annotated[
+        int, typer.Option(help="questions (and skill items) drawn per image, besides its caption")
+    ] = MllmTrainConfig.questions_per_scene,
     vision_steps: Annotated[
         int, typer.Option(help="vision-tower steps (stage 1)")
     ] = MllmTrainConfig.vision_steps,
@@ -489,6 +492,7 @@ def main(
             steps=steps,
             scenes_per_step=scenes_per_step,
             lr=lr,
+            questions_per_scene=questions_per_scene,
             vision_steps=vision_steps,
             vision_batch=vision_batch,
             seed=seed,
