@@ -6,7 +6,8 @@ assumes of the frozen MLLM it plugs into. It is saved with ``save_pretrained`` a
 
 Training has two stages: the vision tower alone learns what captions name (``lens.world.vision``), then the whole
 model learns to answer with the LM loss on answer tokens (batches, shared-prefix loss and scoring are in
-``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead.
+``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead. ``skills`` adds the instruction
+skills of ``lens.world.skills`` (boxes as text, intent routing, follow-ups) to the questions.
 
     python -m lens.world.mllm --out runs/mllm-base --skip-kind identify           # run 1 of the shipped model
     python -m lens.world.mllm --out runs/mllm-run2 --init-from runs/mllm-base --steps 1500 ...
@@ -41,7 +42,7 @@ from lens.data.synthetic import (
 )
 from lens.data.synthetic.language import VQA_TEMPLATES
 from lens.tiny import TinyLlavaSpec, build_llava, word_tokenizer
-from lens.world.skills import ROUTER_MARGIN, SKILLS, check_skills, evaluate_skills, skill_vocabulary
+from lens.world.skills import SKILLS, check_skills, evaluate_skills, router_budget, skill_vocabulary
 from lens.world.snapshots import remove_snapshot, save_snapshot
 from lens.world.vision import init_vision_positions, pretrain_vision
 from lens.world.vqa import (
@@ -171,11 +172,10 @@ class _QuestionBatches(torch.utils.data.Dataset):
         processor: LlavaProcessor,
         parts: PromptParts,
         cfg: MllmTrainConfig,
+        budget: int = 0,
     ) -> None:
         self.train, self.order, self.processor, self.parts, self.cfg = train, order, processor, parts, cfg
-        self.budget = (
-            cfg.spec.max_positions - (cfg.spec.image_size // cfg.spec.patch_size) ** 2 - ROUTER_MARGIN
-        )
+        self.budget = budget  # the router's text budget on this model, for intent turns
 
     def __len__(self) -> int:
         return self.cfg.last_step
@@ -334,7 +334,8 @@ def pretrain(
     window, curve = [], []
     # The continued run's metrics, read once for every snapshot.
     history = checkpoint_metrics(cfg.init_from) if cfg.init_from is not None else None
-    batches = step_loader(_QuestionBatches(train, order, processor, parts, cfg), cfg.num_workers)
+    dataset = _QuestionBatches(train, order, processor, parts, cfg, router_budget(model))
+    batches = step_loader(dataset, cfg.num_workers)
     for step, batch in enumerate(tqdm(batches, desc="mllm", disable=None)):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):

@@ -36,7 +36,15 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 
 from lens.agent.agent import side_by_side
 from lens.agent.router import INTENTS, Router, RouterPrompt
-from lens.data.synthetic import QA, Description, Scene, SyntheticWorld, tokenize_words, world_vocabulary
+from lens.data.synthetic import (
+    QA,
+    Description,
+    Scene,
+    SceneObject,
+    SyntheticWorld,
+    tokenize_words,
+    world_vocabulary,
+)
 from lens.data.synthetic.language import ATTRIBUTES
 from lens.data.synthetic.phrasing import HELD_OUT
 from lens.data.synthetic.queries import position_of
@@ -144,11 +152,11 @@ def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
     return options[int(rng.integers(len(options)))]
 
 
-def _name(obj: object) -> str:
+def _name(obj: SceneObject) -> str:
     return Description.of(obj, ATTRIBUTES).phrase("")  # "large red ring"
 
 
-def _noun_phrase_queries(scene: Scene) -> list[tuple[str, object]]:
+def _noun_phrase_queries(scene: Scene) -> list[tuple[str, SceneObject]]:
     """(text, target) of the scene's referring and short reasoning queries: noun phrases with one target."""
     return [
         (q.sample.query, q.target)
@@ -248,17 +256,17 @@ def intent_items(
     return items
 
 
-def follow_up_image(scene: Scene, obj: object) -> np.ndarray:
+def follow_up_image(scene: Scene, obj: SceneObject) -> np.ndarray:
     """(H, 2W, 3): the scene beside its copy with ``obj`` highlighted, as the agent shows a follow-up."""
     original = Image.fromarray(scene.image)
-    return np.asarray(side_by_side(original, overlay_mask(original, obj.mask)))  # type: ignore[attr-defined]
+    return np.asarray(side_by_side(original, overlay_mask(original, obj.mask)))
 
 
-def follow_up_answers(scene: Scene, obj: object) -> dict[str, str]:
+def follow_up_answers(scene: Scene, obj: SceneObject) -> dict[str, str]:
     """What each follow-up kind answers about ``obj`` (position only when it is clearly on one side)."""
     height, width = scene.image.shape[:2]
-    answers = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "name": _name(obj)}  # type: ignore[attr-defined]
-    side = position_of(obj, height, width)  # type: ignore[arg-type]
+    answers = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "name": _name(obj)}
+    side = position_of(obj, height, width)
     if side:
         answers["position"] = side
     return answers
