@@ -147,7 +147,7 @@ DISTRACTORS = Pool(
 # Frame words a typo may hit (never an attribute word, a clue or a relation): dropping a letter is seen,
 # swapping two neighbouring letters is held out. Each word has one variant per kind, so the set is finite.
 TYPO_WORDS: tuple[str, ...] = (
-    "please", "picture", "image", "segment", "show", "where", "which", "find", "looking", "something",
+    "please", "picture", "image", "segment", "show", "find", "looking", "something",
     "ignore", "background", "describe", "highlight", "outline", "kindly", "would",
 )  # fmt: skip
 TYPO_KINDS = Pool(("drop",), ("swap",))
@@ -174,7 +174,6 @@ VQA_FRAMES: dict[str, Pool] = {
                      ("what would you call {target}?", "tell me what {target} is.")),
 }  # fmt: skip
 assert set(VQA_FRAMES) == set(VQA_TEMPLATES)
-_FIELD = re.compile(r"\{([a-z_]+)\}")
 
 
 @dataclass(frozen=True)
@@ -356,15 +355,8 @@ def phrasing_text() -> Iterator[str]:
     yield from ("a", "an", "the", OBJECT_NOUN)
 
 
-def held_out_templates() -> list[str]:
-    """Every held-out entry of every pool: wordings no training text may contain."""
+def pool_entries(part: str) -> list[str]:
+    """Every entry of the ``part`` ("seen" or "held_out") of every pool of wordings, templates unfilled."""
     pools = [ORDERS, RELATION_FRAMES, CLUE_FRAMES, CLUE_JOINS, REQUEST_FRAMES, DISTRACTORS, GENERIC_NOUNS]
-    pools += [*RELATION_WORDS.values(), *EXTREME_FRAMES.values(), *VQA_FRAMES.values()]
-    return [entry for pool in pools for entry in pool.held_out]
-
-
-def template_pattern(template: str) -> re.Pattern[str]:
-    """A regex matching any text made from ``template`` (each placeholder: one or more words)."""
-    parts = _FIELD.split(template)
-    literal = [re.escape(p) if i % 2 == 0 else r"[a-z' ]+?" for i, p in enumerate(parts)]
-    return re.compile(r"(?<![a-z])" + "".join(literal) + r"(?![a-z])")
+    pools += [REASONING_NOUN_POOL, *RELATION_WORDS.values(), *EXTREME_FRAMES.values(), *VQA_FRAMES.values()]
+    return [entry for pool in pools for entry in pool.part(part)]
