@@ -6,7 +6,8 @@ assumes of the frozen MLLM it plugs into. It is saved with ``save_pretrained`` a
 
 Training has two stages: the vision tower alone learns what captions name (``lens.world.vision``), then the whole
 model learns to answer with the LM loss on answer tokens (batches, shared-prefix loss and scoring are in
-``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead.
+``lens.world.vqa``). ``init_from`` continues an existing checkpoint instead. ``skills`` adds the instruction
+skills of ``lens.world.skills`` (boxes as text, intent routing, follow-ups) to the questions.
 
     python -m lens.world.mllm --out runs/mllm-base --skip-kind identify           # run 1 of the shipped model
     python -m lens.world.mllm --out runs/mllm-run2 --init-from runs/mllm-base --steps 1500 ...
@@ -40,7 +41,8 @@ from lens.data.synthetic import (
     world_vocabulary,
 )
 from lens.data.synthetic.language import VQA_TEMPLATES
-from lens.tiny import TinyLlavaSpec, build_llava
+from lens.tiny import TinyLlavaSpec, build_llava, word_tokenizer
+from lens.world.skills import SKILLS, check_skills, evaluate_skills, router_budget, skill_vocabulary
 from lens.world.snapshots import remove_snapshot, save_snapshot
 from lens.world.vision import init_vision_positions, pretrain_vision
 from lens.world.vqa import (
@@ -115,12 +117,21 @@ class MllmTrainConfig:
     # End the run after this many steps of a ``steps``-long schedule (None: all of it), saving and evaluating as
     # a finished run does: how a run cut short by a session's end is reproduced from one command.
     stop_after: int | None = None
+    # The world's phrasing of questions and queries ("canonical": today's text; "varied": seen compositional pools).
+    phrasing: str = "canonical"
+    # Instruction skills trained besides VQA (``lens.world.skills.SKILLS``); a skill's name is its kind in
+    # ``kind_weights``. Empty: VQA and captions only, exactly as every run before skills existed.
+    skills: tuple[str, ...] = ()
+    skill_eval_scenes: int = 100  # first test scenes the skills are scored on
+    router_eval_scenes: int = 20  # ... of which routed by the agent's Router too (label likelihoods)
     spec: TinyLlavaSpec = field(default_factory=lambda: dataclasses.replace(SHIPPED_SPEC))
 
     def __post_init__(self) -> None:
-        unknown = sorted((set(self.skip_kinds) | set(self.kind_weights)) - set(VQA_TEMPLATES))
+        check_skills(self.skills)
+        known = set(VQA_TEMPLATES) | set(self.skills)
+        unknown = sorted((set(self.skip_kinds) - set(VQA_TEMPLATES)) | (set(self.kind_weights) - known))
         if unknown:
-            raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(VQA_TEMPLATES)}")
+            raise ValueError(f"unknown question kinds {unknown}; the world asks {sorted(known)}")
         bad = {
             kind: w for kind, w in self.kind_weights.items() if kind == CAPTION_KIND or not 0 < w < math.inf
         }
@@ -128,8 +139,22 @@ class MllmTrainConfig:
             raise ValueError(f"kind weights must be positive, finite and not for captions, got {bad}")
         if self.init_from is not None:
             checkpoint_dir(self.init_from)
+        self.world()  # an unknown phrasing is a ValueError naming the world's phrasings
         if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
             raise ValueError(f"stop_after must be in 1..steps ({self.steps}), got {self.stop_after}")
+
+    @property
+    def extended(self) -> bool:
+        """Whether the run reads text beyond the shipped vocabulary (skills or a non-canonical phrasing)."""
+        return bool(self.skills) or self.phrasing != "canonical"
+
+    def world(self) -> SyntheticWorld:
+        """The world of the run (canonical phrasing: today's world)."""
+        return SyntheticWorld(seed=self.world_seed, phrasing=self.phrasing)
+
+    def vocabulary(self) -> list[str]:
+        """Words of a fresh model's tokenizer: the shipped list, or the extended one when the run needs it."""
+        return skill_vocabulary() if self.extended else world_vocabulary()
 
     @property
     def last_step(self) -> int:
@@ -147,8 +172,10 @@ class _QuestionBatches(torch.utils.data.Dataset):
         processor: LlavaProcessor,
         parts: PromptParts,
         cfg: MllmTrainConfig,
+        budget: int = 0,
     ) -> None:
         self.train, self.order, self.processor, self.parts, self.cfg = train, order, processor, parts, cfg
+        self.budget = budget  # the router's text budget on this model, for intent turns
 
     def __len__(self) -> int:
         return self.cfg.last_step
@@ -159,7 +186,15 @@ class _QuestionBatches(torch.utils.data.Dataset):
         scenes = [self.train[int(i)] for i in chosen]
         cfg = self.cfg
         return make_batch(
-            scenes, self.processor, self.parts, cfg.questions_per_scene, rng, cfg.skip_kinds, cfg.kind_weights
+            scenes,
+            self.processor,
+            self.parts,
+            cfg.questions_per_scene,
+            rng,
+            cfg.skip_kinds,
+            cfg.kind_weights,
+            cfg.skills,
+            self.budget,
         )
 
 
@@ -181,12 +216,37 @@ def _fan_in_init(model: LlavaForConditionalGeneration, num_layers: int, seed: in
 
 def build_model(cfg: MllmTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The untrained model of a run: ``build_llava`` over the world's vocabulary, then our initialisation."""
-    model, processor = build_llava(world_vocabulary(), cfg.spec, seed=cfg.seed)
+    model, processor = build_llava(cfg.vocabulary(), cfg.spec, seed=cfg.seed)
     if cfg.fan_in_init:
         _fan_in_init(model, cfg.spec.text_layers, cfg.seed)
     if cfg.sincos_init:
         init_vision_positions(model)
     return model, processor
+
+
+def grow_vocabulary(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, words: Sequence[str], seed: int = 0
+) -> list[str]:
+    """Append the ``words`` the tokenizer lacks after its last id and resize the embeddings; returns them.
+
+    Old ids keep their rows, so the model computes exactly what it did on text of the old vocabulary; new input
+    and output rows start at the mean of the old ones (HF's ``mean_resizing``; its covariance sampling is used
+    only when the old rows' covariance is positive definite, which it is not for fewer rows than dimensions).
+    """
+    vocab = processor.tokenizer.get_vocab()
+    new = [w for w in dict.fromkeys(words) if w not in vocab]
+    if not new:
+        return []
+    old = sorted(vocab, key=vocab.__getitem__)  # in id order: word_tokenizer gives ids in list order
+    tokenizer = word_tokenizer([*old, *new])
+    if [tokenizer.convert_tokens_to_ids(w) for w in old] != list(range(len(old))):
+        raise RuntimeError(
+            "growing the vocabulary would move old ids; is the tokenizer not word_tokenizer's?"
+        )
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    processor.tokenizer = tokenizer
+    return new
 
 
 def _lr_factor(step: int, cfg: MllmTrainConfig) -> float:
@@ -257,6 +317,9 @@ def pretrain(
         source = checkpoint_dir(cfg.init_from)
         model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(source)
+        if cfg.extended:
+            added = grow_vocabulary(model, processor, cfg.vocabulary(), cfg.seed)
+            logger.info("vocabulary grown by %d words to %d", len(added), len(processor.tokenizer))
     model.set_attn_implementation(cfg.attn_implementation or ("eager" if device.type == "cpu" else "sdpa"))
     model.to(device).train()
     if cfg.vision_steps and cfg.init_from is None:
@@ -264,14 +327,15 @@ def pretrain(
     parts = PromptParts.of(processor)
     optimizer = _optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    train = SyntheticWorld(seed=cfg.world_seed).split("train")
+    train = cfg.world().split("train")
     order = _scene_order(len(train), cfg.steps, cfg.scenes_per_step, rng)
     logger.info("training %.2fM parameters for %d steps on %s", _millions(model), cfg.last_step, device)
 
     window, curve = [], []
     # The continued run's metrics, read once for every snapshot.
     history = checkpoint_metrics(cfg.init_from) if cfg.init_from is not None else None
-    batches = step_loader(_QuestionBatches(train, order, processor, parts, cfg), cfg.num_workers)
+    dataset = _QuestionBatches(train, order, processor, parts, cfg, router_budget(model))
+    batches = step_loader(dataset, cfg.num_workers)
     for step, batch in enumerate(tqdm(batches, desc="mllm", disable=None)):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
@@ -318,7 +382,7 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
     model = LlavaForConditionalGeneration.from_pretrained(out_dir).to(device)
     processor = AutoProcessor.from_pretrained(out_dir)
     start = time.perf_counter()
-    test = SyntheticWorld(seed=cfg.world_seed).split("test")[: cfg.eval_scenes]
+    test = cfg.world().split("test")[: cfg.eval_scenes]
     # "overall" covers the kinds the model was trained on; kinds it skipped are scored apart, not mixed in.
     trained_kinds = [kind for kind in VQA_TEMPLATES if kind not in cfg.skip_kinds]
     vqa = evaluate_vqa(model, processor, test, batch_size=cfg.eval_batch_size, kinds=trained_kinds)
@@ -333,6 +397,13 @@ def train_mllm(cfg: MllmTrainConfig, out_dir: str | Path, command: str = "") -> 
         "config": dataclasses.asdict(cfg),
         "learning_curve": curve,
     }
+    if cfg.skills:
+        start = time.perf_counter()
+        skill_test = cfg.world().split("test")[: cfg.skill_eval_scenes]
+        metrics["skills_test"] = evaluate_skills(
+            model, processor, skill_test, cfg.eval_batch_size, cfg.router_eval_scenes, cfg.seed
+        )
+        metrics["skills_eval_seconds"] = round(time.perf_counter() - start, 1)
     if cfg.skip_kinds:
         metrics["vqa_test_skipped_kinds"] = evaluate_vqa(
             model, processor, test, batch_size=cfg.eval_batch_size, kinds=cfg.skip_kinds
@@ -373,6 +444,9 @@ def main(
         int, typer.Option(help="images per whole-model step")
     ] = MllmTrainConfig.scenes_per_step,
     lr: Annotated[float, typer.Option(help="whole-model peak learning rate")] = MllmTrainConfig.lr,
+    questions_per_scene: Annotated[
+        int, typer.Option(help="questions (and skill items) drawn per image, besides its caption")
+    ] = MllmTrainConfig.questions_per_scene,
     vision_steps: Annotated[
         int, typer.Option(help="vision-tower steps (stage 1)")
     ] = MllmTrainConfig.vision_steps,
@@ -400,6 +474,16 @@ def main(
     stop_after: Annotated[
         int | None, typer.Option(help="end after this many steps of the --steps schedule (saved, evaluated)")
     ] = None,
+    phrasing: Annotated[
+        str, typer.Option(help="the world's phrasing: canonical (today's text) or varied")
+    ] = MllmTrainConfig.phrasing,
+    skill: Annotated[
+        list[str] | None,
+        typer.Option(help=f"an instruction skill to train too, one of {list(SKILLS)} (repeatable)"),
+    ] = None,
+    skill_eval_scenes: Annotated[
+        int, typer.Option(help="test scenes the skills are scored on")
+    ] = MllmTrainConfig.skill_eval_scenes,
 ) -> None:
     """Pretrain the synthetic world's small MLLM on captions and VQA and save it as a LLaVA checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -409,6 +493,7 @@ def main(
             steps=steps,
             scenes_per_step=scenes_per_step,
             lr=lr,
+            questions_per_scene=questions_per_scene,
             vision_steps=vision_steps,
             vision_batch=vision_batch,
             seed=seed,
@@ -420,8 +505,15 @@ def main(
             warmup_steps=warmup_steps,
             save_every=save_every,
             stop_after=stop_after,
+            phrasing=phrasing,
+            skills=tuple(skill or ()),
+            skill_eval_scenes=skill_eval_scenes,
         )
-    except (ValueError, FileNotFoundError) as error:  # a bad --skip-kind, --kind-weight or --init-from
+    except (
+        ValueError,
+        FileNotFoundError,
+        TypeError,
+    ) as error:  # a bad --skip-kind, --kind-weight, --init-from...
         raise typer.BadParameter(str(error)) from None
     command = shlex.join(["python", "-m", "lens.world.mllm", *sys.argv[1:]])
     train_mllm(cfg, out, command=command)

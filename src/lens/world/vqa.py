@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
 
 from lens.data.synthetic import QA, Scene, tokenize_words
+from lens.data.synthetic.language import VQA_TEMPLATES
 
 # transformers 5.24 renamed the key/value cache argument and output field `past_key_values` to `cache` (the old
 # name is deprecated, to go in 5.40); use whichever the installed version has.
@@ -32,6 +33,7 @@ CACHE_NAME = (
 )
 
 CAPTION_KIND = "caption"
+VQA_KINDS = frozenset(VQA_TEMPLATES)
 IGNORE_LABEL = -100  # positions the loss skips (prompt and padding)
 MAX_ANSWER_TOKENS = 48  # longer than any caption (six objects, three words each, plus the background)
 
@@ -109,29 +111,86 @@ def make_batch(
     rng: np.random.Generator,
     skip_kinds: Collection[str] = (),
     kind_weights: Mapping[str, float] | None = None,
+    skills: Sequence[str] = (),
+    router_budget: int = 0,
 ) -> Batch:
     """Up to ``questions_per_scene`` random short-answer questions and the caption of every scene, leaving out
     ``skip_kinds``. ``kind_weights`` makes a question of a kind that many times as likely to be drawn as one of
-    an unlisted kind (weight 1); without it every question is equally likely."""
+    an unlisted kind (weight 1); without it every question is equally likely.
+
+    ``skills`` (``lens.world.skills.SKILLS``) add their items to each scene's pool of questions, drawn with the
+    same weights (a skill's name is its kind); ``router_budget`` is the router's text budget for intent turns.
+    A follow-up's side-by-side image is its own prefix row, after the scenes' rows.
+    """
     short: list[tuple[int, QA]] = []
     captions: list[tuple[int, QA]] = []
+    images = [scene.image for scene in scenes]
+    by_skill: dict[str, list[tuple[int, QA]]] = defaultdict(list)
     for row, scene in enumerate(scenes):
         qas = scene.vqa()
         questions = [qa for qa in qas if qa.kind != CAPTION_KIND and qa.kind not in skip_kinds]
-        size = min(questions_per_scene, len(questions))
-        if kind_weights:
-            weights = np.array([kind_weights.get(qa.kind, 1.0) for qa in questions])
-            chosen = rng.choice(len(questions), size=size, replace=False, p=weights / weights.sum())
-        else:  # the draws of every run before kind_weights existed
-            chosen = rng.choice(len(questions), size=size, replace=False)
-        short += [(row, questions[i]) for i in sorted(chosen)]
+        if skills:
+            _draw_with_skills(
+                scene,
+                row,
+                questions,
+                images,
+                short,
+                by_skill,
+                questions_per_scene,
+                rng,
+                kind_weights or {},
+                skills,
+                router_budget,
+            )
+        else:
+            size = min(questions_per_scene, len(questions))
+            if kind_weights:
+                weights = np.array([kind_weights.get(qa.kind, 1.0) for qa in questions])
+                chosen = rng.choice(len(questions), size=size, replace=False, p=weights / weights.sum())
+            else:  # the draws of every run before kind_weights existed
+                chosen = rng.choice(len(questions), size=size, replace=False)
+            short += [(row, questions[i]) for i in sorted(chosen)]
         if CAPTION_KIND not in skip_kinds:
             captions += [(row, qa) for qa in qas if qa.kind == CAPTION_KIND]
-    prefix = processor(
-        images=[scene.image for scene in scenes], text=[parts.before] * len(scenes), return_tensors="pt"
-    )
-    groups = [_group(processor, parts, items) for items in (short, captions) if items]
+    prefix = processor(images=images, text=[parts.before] * len(images), return_tensors="pt")
+    lists = [short, captions, *(by_skill[s] for s in skills)]
+    groups = [_group(processor, parts, items) for items in lists if items]
     return Batch(dict(prefix), groups)
+
+
+def _draw_with_skills(
+    scene: Scene,
+    row: int,
+    questions: list[QA],
+    images: list[np.ndarray],
+    short: list[tuple[int, QA]],
+    by_skill: dict[str, list[tuple[int, QA]]],
+    questions_per_scene: int,
+    rng: np.random.Generator,
+    kind_weights: Mapping[str, float],
+    skills: Sequence[str],
+    router_budget: int,
+) -> None:
+    """One scene's draw from its VQA questions and skill items together; follow-ups get their image's row."""
+    from lens.world.skills import skill_items
+
+    items = skill_items(scene, skills, rng, router_budget)
+    pool = [(None, qa) for qa in questions] + [(item.image, item.qa) for item in items]
+    weights = np.array([kind_weights.get(qa.kind, 1.0) for _, qa in pool])
+    size = min(questions_per_scene, len(pool))
+    chosen = sorted(rng.choice(len(pool), size=size, replace=False, p=weights / weights.sum()))
+    rows: dict[int, int] = {}  # id of an item's own image -> its prefix row
+    for i in chosen:
+        image, qa = pool[i]
+        if image is None:
+            target = row
+        else:
+            if id(image) not in rows:
+                rows[id(image)] = len(images)
+                images.append(image)
+            target = rows[id(image)]
+        (short if qa.kind in VQA_KINDS else by_skill[qa.kind]).append((target, qa))
 
 
 def batch_loss(
