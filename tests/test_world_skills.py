@@ -364,3 +364,24 @@ def test_router_scores_on_an_image(scenes):
     routed = skills._route(model, processor, scenes[:1], skills.router_budget(model), 0)
     assert routed["seen"]["num_questions"] == 6
     assert set(routed["heldout"]["by_kind"]) == {"dialogue", "segmentation", "follow_up"}
+
+
+def test_vqa_is_scored_in_the_phrasing_asked(monkeypatch, scenes):
+    """``evaluate_vqa(phrasing=...)`` asks that wording's questions; answers are the same in every phrasing."""
+    from lens.world import vqa
+
+    asked: dict[str, list[str]] = {}
+    model, processor = build_llava(skill_vocabulary(), TinyLlavaSpec(), seed=0)
+    truth = {qa.question: qa.answer for p in ("canonical", "held_out") for qa in scenes[0].vqa(p)}
+    for phrasing in ("canonical", "held_out"):
+
+        def answer(m, p, pairs, b, t, phrasing=phrasing):
+            asked[phrasing] = [q for _, q in pairs]
+            return [" ".join(tokenize_words(truth[q])) for q in asked[phrasing]]
+
+        monkeypatch.setattr(vqa, "answer_questions", answer)
+        result = vqa.evaluate_vqa(model, processor, scenes[:1], phrasing=phrasing)
+        assert result["overall"] == 1.0
+    assert len(asked["canonical"]) == len(asked["held_out"])
+    assert sorted(asked["canonical"]) == sorted(qa.question for qa in scenes[0].vqa("canonical"))
+    assert set(asked["canonical"]) != set(asked["held_out"])

@@ -37,6 +37,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 from lens.agent.agent import side_by_side
 from lens.agent.router import INTENTS, Router, RouterPrompt
 from lens.data.synthetic import (
+    PHRASINGS,
     QA,
     Description,
     Scene,
@@ -462,9 +463,13 @@ def evaluate(
     ] = 20,
     batch_size: Annotated[int, typer.Option(help="questions per generate call")] = 64,
     num_threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 1,
+    vqa_scenes: Annotated[
+        int, typer.Option(help="first test scenes whose VQA is also scored in every phrasing (0: none)")
+    ] = 0,
     out: Annotated[Path | None, typer.Option(help="write the metrics here as JSON")] = None,
 ) -> None:
-    """Score a checkpoint on every skill (the shipped MLLM never trained on them: a baseline)."""
+    """Score a checkpoint on every skill (the shipped MLLM never trained on them: a baseline), and with
+    ``--vqa-scenes`` its VQA worded canonically, in the seen varied phrasing and in the held-out one."""
     from lens.assets import checkpoint_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -474,6 +479,13 @@ def evaluate(
     processor = AutoProcessor.from_pretrained(source)
     test = SyntheticWorld().split("test")[:scenes]
     metrics = evaluate_skills(model, processor, test, batch_size, router_scenes)
+    if vqa_scenes:
+        from lens.world.vqa import evaluate_vqa  # vqa imports this module
+
+        asked = SyntheticWorld().split("test")[:vqa_scenes]
+        metrics["vqa_by_phrasing"] = {
+            p: evaluate_vqa(model, processor, asked, batch_size, phrasing=p) for p in PHRASINGS
+        }
     text = json.dumps(metrics, indent=2)
     if out is not None:
         out.write_text(text + "\n")

@@ -265,12 +265,16 @@ def evaluate_vqa(
     batch_size: int = 64,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
     kinds: Collection[str] | None = None,
+    phrasing: str | None = None,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers to the questions of ``scenes`` (of ``kinds``; all by default).
+    """Exact-match accuracy of greedy answers to the questions of ``scenes`` (of ``kinds``; all by default),
+    worded in ``phrasing`` (``lens.data.synthetic.PHRASINGS``; None: the world's own).
 
     Questions are batched by kind, so that one-word answers do not wait for captions.
     """
-    items = [(scene, qa) for scene in scenes for qa in scene.vqa() if kinds is None or qa.kind in kinds]
+    items = [
+        (scene, qa) for scene in scenes for qa in scene.vqa(phrasing) if kinds is None or qa.kind in kinds
+    ]
     items.sort(key=lambda item: item[1].kind)
     pairs = [(scene.image, qa.question) for scene, qa in items]
     answers = answer_questions(model, processor, pairs, batch_size, max_new_tokens)
