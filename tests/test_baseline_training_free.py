@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import TINY_LAYER, make_lens, random_image
-from lens.baselines import TrainingFreeModel, TrainingFreeSettings, training_free
+from lens.baselines import training_free
+from lens.baselines.training_free import TrainingFreeModel, TrainingFreeSettings
 from lens.data.loader import QueryDataset
 from lens.data.synthetic import SyntheticWorld
 from lens.data.synthetic.dataset import SyntheticQueries

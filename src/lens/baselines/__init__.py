@@ -1,5 +1,4 @@
-"""Systems LENS is compared with, each behind the same evaluation entry point as LENS (``lens.evaluation``)."""
+"""Systems LENS is compared with, each behind the same evaluation entry point as LENS (``lens.evaluation``).
 
-from lens.baselines.training_free import TrainingFreeModel, TrainingFreeSettings
-
-__all__ = ["TrainingFreeModel", "TrainingFreeSettings"]
+``training_free``: the frozen MLLM's own attention peaks clicked into the pretrained SAM (nothing trains).
+"""
