@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lens.backbone import Backbone, unique_images
 from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
-from lens.geometry import valid_cell_mask
+from lens.geometry import pad_grids, valid_cell_mask
 from lens.keypoints import nms
 from lens.model import LensInputs, LensOutput
 from lens.probe import text_image_maps
@@ -120,10 +120,7 @@ class TrainingFreeModel(nn.Module):
     def forward(self, inputs: TrainingFreeInputs) -> LensOutput:
         f = inputs.features
         gh, gw = f.max_grid
-        heat = torch.zeros(len(inputs.maps), gh, gw)
-        for b, m in enumerate(inputs.maps):
-            heat[b, : m.shape[0], : m.shape[1]] = m
-        heat = heat.to(self.device)
+        heat = pad_grids(inputs.maps, gh, gw).to(self.device)  # (B, gh, gw), zero off each image's grid
         cells = valid_cell_mask(f.geometries, gh, gw, self.device)  # (B, gh, gw): on the image only
         points, valid = nms(heat, self.settings.nms_radius, self.settings.num_points, cells)  # (B, n, 2)
         # A click where a user would give it: the pixel under the cell's centre, as an index (centre - 0.5) of the
