@@ -144,6 +144,34 @@ class DataConfig:
     num_workers: int = 2
 
 
+BASELINE_SYSTEMS = ("lisa", "read", "flmm", "self1e")  # trained comparison systems (lens.baselines)
+
+
+@dataclass
+class BaselineConfig:
+    """A comparison system trained and scored in LENS's place (``lens.baselines``, docs/baselines.md).
+
+    ``system`` null is LENS itself. Otherwise ``lens train`` / ``lens eval`` build that system from the same
+    frozen MLLM and SAM named above, on the same data, loop and metrics; the fields below are its own
+    settings (each system reads only its own) and are saved with its checkpoint like every other setting.
+    """
+
+    system: str | None = None  # one of BASELINE_SYSTEMS, or null for LENS
+    # LISA / READ / SELF1E: the MLLM fine-tuned with LoRA (LISA: r 8, alpha 16, dropout 0.05 on q and v),
+    # plus its embeddings and LM head, to answer ``answer``, whose ``seg_token`` is a new token
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    seg_token: str = "[SEG]"
+    answer: str = "Sure, it is [SEG]."  # LISA's segmentation reply
+    ce_weight: float = 1.0  # the answer's language-model loss next to the mask loss (LISA: 1.0)
+    # READ: this many peaks of the [SEG]-to-image similarity map become extra positive points for SAM
+    read_points: int = 2
+    # F-LMM: base channel width of the U-Net that maps the stacked attention maps to mask logits
+    flmm_width: int = 32
+
+
 @dataclass
 class LensConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -154,6 +182,7 @@ class LensConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

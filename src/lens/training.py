@@ -67,7 +67,7 @@ FINAL = "model"
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 RUN_OUTPUT = (CHECKPOINTS, FINAL, LOG_NAME, "val", TENSORBOARD)  # a directory holding any of these is a run
-LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")
+LOSS_NAMES = ("loss", "dice_loss", "bce_loss", "attention_loss")  # a baseline names its own (``loss_names``)
 
 
 @dataclass
@@ -295,8 +295,9 @@ def _resume(run: _Run, start: Path | None) -> None:
 def _loop(run: _Run, stop: int) -> list[dict[str, Any]]:
     """Optimizer steps until ``stop``: forward, L, backward, clip, step; log, validate and checkpoint."""
     tc, accelerator, progress = run.config.train, run.accelerator, run.progress
+    names = tuple(getattr(run.unwrapped, "loss_names", LOSS_NAMES))  # "loss" first, then its terms
     records: list[dict[str, Any]] = []
-    sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+    sums = torch.zeros(len(names), dtype=torch.float64)
     micro = 0
     bar = tqdm(
         total=tc.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
@@ -319,7 +320,7 @@ def _loop(run: _Run, stop: int) -> list[dict[str, Any]]:
             run.optimizer.zero_grad()
         if rows:
             sums += torch.tensor(
-                [out.loss.item(), *(out.losses[n].item() for n in LOSS_NAMES[1:])], dtype=torch.float64
+                [out.loss.item(), *(out.losses[n].item() for n in names[1:])], dtype=torch.float64
             )
             micro += 1
         if not accelerator.sync_gradients:
@@ -328,7 +329,7 @@ def _loop(run: _Run, stop: int) -> list[dict[str, Any]]:
         run.scheduler.step()
         progress.step += 1
         means = accelerator.reduce((sums / max(micro, 1)).to(accelerator.device), "mean").tolist()
-        record = {"step": progress.step, **dict(zip(LOSS_NAMES, means, strict=True)), "lr": lr}
+        record = {"step": progress.step, **dict(zip(names, means, strict=True)), "lr": lr}
         sums.zero_()
         micro = 0
         if run.val is not None and (

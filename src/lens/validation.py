@@ -45,11 +45,18 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("DataConfig", "num_classes_per_sample"): (1, None),
     ("DataConfig", "num_workers"): (0, None),
     ("DataConfig", "mixture"): (0, None),
+    ("BaselineConfig", "lora_rank"): (1, None),
+    ("BaselineConfig", "lora_alpha"): (0, None),
+    ("BaselineConfig", "lora_dropout"): (0, 1),
+    ("BaselineConfig", "ce_weight"): (0, None),
+    ("BaselineConfig", "read_points"): (1, None),
+    ("BaselineConfig", "flmm_width"): (1, None),
 }
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("BackboneConfig", "dtype"): ("float32", "float16", "bfloat16"),
     ("TrainConfig", "mixed_precision"): ("no", "fp16", "bf16"),
     ("TrainConfig", "lr_schedule"): ("linear", "cosine"),
+    ("BaselineConfig", "system"): ("lisa", "read", "flmm", "self1e"),
 }
 
 

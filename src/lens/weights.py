@@ -46,13 +46,26 @@ def _load_decoder(config: LensConfig, device: str | torch.device = "cpu") -> Mas
     )
 
 
-def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
-    """Load the frozen MLLM and mask decoder named in ``config`` and attach freshly initialised LENS parts."""
+def load_frozen(config: LensConfig, device: str | torch.device = "cpu") -> tuple[Backbone, MaskDecoderBridge]:
+    """The pretrained MLLM and mask decoder ``config`` names (``lens:`` assets resolved), as LENS loads them."""
     decoder = _load_decoder(config, device)
     backbone_config = dataclasses.replace(
         config.backbone, model_id=resolve_model_id(config.backbone.model_id)
     )
-    backbone = load_backbone(backbone_config, device=device)
+    return load_backbone(backbone_config, device=device), decoder
+
+
+def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
+    """Load the frozen MLLM and mask decoder named in ``config`` and attach freshly initialised LENS parts.
+
+    A config naming a comparison system (``baseline.system``) builds that system from the same two models
+    instead (``lens.baselines``): it trains, saves, loads and evaluates through the same calls as LENS.
+    """
+    if config.baseline.system is not None:
+        from lens.baselines import build_system
+
+        return build_system(config, device)
+    backbone, decoder = load_frozen(config, device)
     model = LensModel(config, backbone, decoder)
     if config.backbone.quantization:  # bitsandbytes weights are placed at load and cannot be moved
         for name, child in model.named_children():
@@ -168,6 +181,11 @@ def strip_frozen_encoders(model: LensModel) -> LensModel:
 
 def build_lens_for_cache(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:
     """A LENS model for cached features: the decoder without its image encoder, the head, no MLLM in memory."""
+    if config.baseline.system is not None:
+        raise ValueError(
+            f"baseline {config.baseline.system!r} reads more of the MLLM than a LENS feature cache holds: "
+            "train and evaluate it without --cache-root"
+        )
     if config.head.init_from_backbone:  # the head copies two MLLM layers: load it once, then drop it
         return strip_frozen_encoders(build_lens(config, "cpu")).to(device)
     decoder = _load_decoder(config)
