@@ -1,0 +1,391 @@
+"""Every comparison system of docs/results.md, trained on the same data and budget and scored the same way.
+
+For each system and seed: train it with ``lens train`` (a subprocess, so that its wall time and peak memory are
+its own; resumed if a run is already there), score it with ``lens eval``'s own evaluation on the val, test and
+held-out-phrasing splits, ask its MLLM the world's test questions (general ability: a frozen system's MLLM must
+answer exactly as the base model does), and measure A_c pointing. LENS's f_s alignment (the head's layer-2
+evidence) is measured once per LENS run. Everything lands in ``RUNS/results.json``; ``--docs`` rewrites the
+generated tables of docs/results.md (between its ``<!-- results:NAME -->`` markers) from that file.
+
+    python scripts/results.py --runs ~/runs/results --steps 1000 --seeds 0 --docs docs/results.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from lens.config import LensConfig
+from lens.data.synthetic.dataset import world_from_config
+from lens.evaluation import EvalSplit, eval_splits, evaluate
+from lens.geometry import ImageGeometry
+from lens.weights import load_frozen, load_lens
+
+logger = logging.getLogger("results")
+
+TRAINED = ("lens", "lisa", "read", "flmm", "self1e")  # trained through `lens train` (baseline.system)
+SYSTEMS = (*TRAINED, "training_free")
+FROZEN = ("lens", "flmm", "training_free")  # the MLLM is never changed: it must answer as the base model
+SPLITS = ("synthetic/val", "synthetic/test", "synthetic/test_heldout_phrasing")
+RESULTS = "results.json"
+
+app = typer.Typer(add_completion=False)
+
+
+def run_dir(root: Path, system: str, seed: int) -> Path:
+    return root / f"{system}-s{seed}"
+
+
+def train_system(
+    config: Path, system: str, seed: int, steps: int, root: Path, threads: int, extra: Sequence[str]
+) -> dict[str, Any]:
+    """Train one system in a subprocess; wall time and the peak resident memory of its main process."""
+    out = run_dir(root, system, seed)
+    meta_file = out / "train_meta.json"
+    if (out / "model").is_dir() and meta_file.is_file():
+        return json.loads(meta_file.read_text())
+    settings = [f"train.max_steps={steps}", f"train.seed={seed}", *extra]
+    if system != "lens":
+        settings.append(f"baseline.system={system}")
+    command = [sys.executable, "-m", "lens.cli", "train", str(config), "--output-dir", str(out)]
+    command += [a for s in settings for a in ("--set", s)]
+    if (out / "checkpoints").is_dir():
+        command.append("--resume")
+    logger.info("%s", shlex.join(command))
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"training {system} (seed {seed}) failed: {shlex.join(command)}")
+    meta = {
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+        "threads": threads,
+        "steps": steps,
+        "command": shlex.join(command),
+    }
+    meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def load_system(root: Path, system: str, seed: int, config: LensConfig, layer: int) -> torch.nn.Module:
+    if system == "training_free":
+        from lens.baselines.training_free import TrainingFreeSettings, build_training_free
+
+        return build_training_free(config, TrainingFreeSettings(layer, 1, config.keypoints.nms_radius))
+    return load_lens(run_dir(root, system, seed) / "model").eval()
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    names = set(model.trainable_names())
+    return sum(p.numel() for n, p in model.named_parameters() if n in names and p.is_floating_point())
+
+
+def seg_style(answer: str, template: str, seg_token: str) -> bool:
+    """The reply a segmentation request gets (LISA's "Sure, it is [SEG].", or its opening words)."""
+    from lens.data.synthetic.language import tokenize_words
+
+    head = tokenize_words(template.split(seg_token)[0])
+    return seg_token.lower() in answer.lower() or (bool(head) and tokenize_words(answer)[: len(head)] == head)
+
+
+def ability(
+    model: torch.nn.Module, scenes: Sequence[Any], base_answers: list[str] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """VQA exact match on the scenes' questions, by kind (captions apart), the fraction of answers shaped like
+    a segmentation reply, and the fraction identical to the base MLLM's answers."""
+    from lens.world.vqa import CAPTION_KIND, answer_questions, exact_match
+
+    items = [qa for scene in scenes for qa in scene.vqa()]
+    pairs = [(scene.image, qa.question) for scene in scenes for qa in scene.vqa()]
+    backbone = model.backbone
+    answers = answer_questions(backbone.model, backbone.processor, pairs, batch_size=32)
+    right = [exact_match(a, qa.answer) for a, qa in zip(answers, items, strict=True)]
+    baseline = model.config.baseline
+    styled = [seg_style(a, baseline.answer, baseline.seg_token) for a in answers]
+    short = [r for r, qa in zip(right, items, strict=True) if qa.kind != CAPTION_KIND]
+    captions = [r for r, qa in zip(right, items, strict=True) if qa.kind == CAPTION_KIND]
+    out = {
+        "vqa": float(np.mean(short)),
+        "caption": float(np.mean(captions)) if captions else float("nan"),
+        "seg_style_replies": float(np.mean(styled)),
+        "questions": len(items),
+    }
+    if base_answers is not None:
+        out["same_as_base"] = float(np.mean([a == b for a, b in zip(answers, base_answers, strict=True)]))
+    return out, answers
+
+
+@torch.inference_mode()
+def pointing(model: torch.nn.Module, split: EvalSplit, limit: int, batch_size: int = 8) -> float:
+    """A_c pointing: of the queries with a target, the fraction whose map's highest cell (on the image) has its
+    centre on the target (``lens.probe.cell_centres_on``), as ``lens probe`` scores the MLLM's own attention."""
+    from lens.batches import lens_inputs
+    from lens.probe import cell_centres_on
+
+    hits = []
+    rows_all = [r for i in range(min(limit, len(split.data))) for r in split.data.rows(i, 0)]  # queries
+    for start in range(0, len(rows_all), batch_size):
+        rows = rows_all[start : start + batch_size]
+        out = model(lens_inputs(model, rows))
+        for b, row in enumerate(rows):
+            target = torch.as_tensor(np.asarray(row.mask)) == 1
+            if not target.any():
+                continue
+            image = row.image
+            geometry = ImageGeometry(
+                model.backbone.grid_frame(image.width, image.height),
+                model.decoder.frame(image.width, image.height),
+            )
+            gh, gw = geometry.grid_size
+            heat = out.attention_map[b, :gh, :gw].float().cpu()
+            valid = geometry.valid_cells()
+            heat = torch.where(valid, heat, torch.full_like(heat, -1.0))
+            on = cell_centres_on(geometry, target)  # (gh, gw) bool
+            hits.append(bool(on.flatten()[int(heat.flatten().argmax())]))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+@torch.inference_mode()
+def alignment(model: torch.nn.Module, split: EvalSplit, limit: int) -> dict[str, float]:
+    """How much more f_s (the head's layer-2 state at the answer start) resembles the target's layer-2 image
+    features than other objects' (the alignment the paper credits layer 2 with): mean cosine similarity with the
+    mean feature of the cells whose centre is on the target, and on each other object of the scene."""
+    from lens.batches import lens_inputs
+    from lens.probe import cell_centres_on
+
+    reader = split.data.reader  # lens.data.synthetic.dataset.SyntheticQueries: one query per item
+    target_sims, other_sims, wins = [], [], []
+    for index in range(min(limit, len(reader))):
+        query, (scene_index, _) = reader.query(index), reader._items[index]
+        if query.target is None:
+            continue
+        row = split.data.rows(index, 0)[0]
+        inputs = lens_inputs(model, [row])
+        f = inputs.features.to(model.device)
+        head = model.head(
+            f.hidden_states, f.attention_mask, f.position_ids, f.image_positions, f.grid_sizes, f.text_span,
+            f.image_index, f.shared_length,
+        )  # fmt: skip
+        geometry = f.geometries[0]
+        gh, gw = geometry.grid_size
+        cells = head.hidden_states[0, f.image_positions[0, : gh * gw]]  # (N, d) layer-2 image features
+        f_s = head.hidden_states[0, f.answer_index[0]]  # (d,)
+
+        def similarity(mask: np.ndarray, geometry=geometry, cells=cells, f_s=f_s) -> float | None:
+            on = cell_centres_on(geometry, torch.as_tensor(mask)).flatten().to(cells.device)
+            if not on.any():
+                return None
+            return float(torch.nn.functional.cosine_similarity(cells[on].mean(0), f_s, dim=0))
+
+        mine = similarity(query.target.mask)
+        others = [
+            s
+            for o in reader.scenes[scene_index].objects
+            if o is not query.target
+            and not np.array_equal(o.mask, query.target.mask)
+            and (s := similarity(o.mask)) is not None
+        ]
+        if mine is None or not others:
+            continue
+        target_sims.append(mine)
+        other_sims += others
+        wins.append(mine > max(others))
+    return {
+        "target": float(np.mean(target_sims)),
+        "others": float(np.mean(other_sims)),
+        "target_most_similar": float(np.mean(wins)),
+        "queries": len(wins),
+    }
+
+
+def scores(results: dict[str, Any]) -> dict[str, Any]:
+    """gIoU / cIoU per split and subset, from ``lens.evaluation.evaluate``'s results."""
+    out = {}
+    for label, table in results["splits"].items():
+        out[label] = {
+            name: {"giou": v["giou"], "ciou": v["ciou"], "count": v["count"]} for name, v in table.items()
+        }
+    return out
+
+
+@app.command()
+def main(
+    runs: Annotated[Path, typer.Option(help="run directories and results.json (outside the work tree)")],
+    config: Annotated[Path, typer.Option(help="the recipe every system shares")] = Path(
+        "configs/synthetic.yaml"
+    ),
+    systems: Annotated[str, typer.Option(help="comma-separated, of " + ",".join(SYSTEMS))] = ",".join(
+        SYSTEMS
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps for every trained system")] = 1000,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds")] = "0",
+    eval_limit: Annotated[
+        int | None, typer.Option(min=1, help="first N queries of each split (default: all)")
+    ] = None,
+    vqa_scenes: Annotated[int, typer.Option(min=1, help="test scenes whose questions are asked")] = 50,
+    pointing_queries: Annotated[
+        int, typer.Option(min=1, help="test queries for A_c pointing and alignment")
+    ] = 400,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of each training")] = 1,
+    layer: Annotated[
+        int, typer.Option(min=1, help="the training-free system's layer (lens probe's best)")
+    ] = 3,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="extra section.key=value for every run")
+    ] = None,
+    docs: Annotated[Path | None, typer.Option(help="rewrite this file's generated tables")] = None,
+    train_only: Annotated[bool, typer.Option(help="train, then stop (score later)")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    runs.mkdir(parents=True, exist_ok=True)
+    chosen = systems.split(",")
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown:
+        raise typer.BadParameter(f"unknown systems {unknown}; known: {SYSTEMS}")
+    cfg = LensConfig.from_yaml(config).override(list(set_ or []))
+    results_file = runs / RESULTS
+    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    seed_list = [int(s) for s in seeds.split(",")]
+    for system in chosen:
+        for seed in seed_list if system in TRAINED else [0]:
+            if system in TRAINED:
+                train_system(config, system, seed, steps, runs, threads, list(set_ or []))
+    if train_only:
+        return
+    world = world_from_config(cfg.data)
+    test_scenes = [world.scene("test", i) for i in range(vqa_scenes)]
+    base = None
+    for system in chosen:
+        for seed in seed_list if system in TRAINED else [0]:
+            key = f"{system}/s{seed}"
+            if (
+                key in results
+                and results[key].get("steps") == steps
+                and results[key].get("eval_limit") == eval_limit
+            ):
+                continue
+            model = load_system(runs, system, seed, cfg, layer)
+            entry: dict[str, Any] = {"system": system, "seed": seed, "steps": steps, "eval_limit": eval_limit}
+            if system in TRAINED:
+                entry["train"] = json.loads((run_dir(runs, system, seed) / "train_meta.json").read_text())
+            entry["trainable_parameters"] = trainable_parameters(model) if system != "training_free" else 0
+            splits = eval_splits(model.config if system != "training_free" else cfg, list(SPLITS))
+            out = runs / "eval" / f"{system}-s{seed}"
+            entry["scores"] = scores(
+                evaluate(model, splits, out, batch_size=8, limit=eval_limit, method=system)
+            )
+            if base is None:
+                base_model = load_frozen(cfg)[0]
+                from lens.world.vqa import answer_questions
+
+                pairs = [(s.image, qa.question) for s in test_scenes for qa in s.vqa()]
+                base = answer_questions(base_model.model, base_model.processor, pairs, batch_size=32)
+                del base_model
+            entry["ability"], _ = ability(model, test_scenes, base)
+            test = next(s for s in splits if s.split == "test")
+            entry["pointing"] = pointing(model, test, pointing_queries)
+            if system == "lens":
+                entry["alignment"] = alignment(model, test, pointing_queries)
+            results[key] = entry
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            logger.info("%s: %s", key, json.dumps({k: v for k, v in entry.items() if k != "scores"}))
+    if docs is not None:
+        write_docs(docs, results)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values or any(v != v for v in values):
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def tables(results: dict[str, Any]) -> dict[str, str]:
+    """The generated Markdown blocks of docs/results.md from ``results.json``."""
+    by_system: dict[str, list[dict[str, Any]]] = {}
+    for entry in results.values():
+        by_system.setdefault(entry["system"], []).append(entry)
+    order = [s for s in SYSTEMS if s in by_system]
+    lines = [
+        "| system | seeds | trainable parameters | training peak RSS | training wall time | test cIoU | VQA (no captions) | captions | same answers as base | segmentation-style replies |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system in order:
+        entries = by_system[system]
+        e0 = entries[0]
+        train = [e["train"] for e in entries if "train" in e]
+        peak = f"{np.mean([t['peak_rss_mb'] for t in train]) / 1024:.2f} GiB" if train else "—"
+        wall = (
+            f"{np.mean([t['wall_s'] for t in train]) / 60:.0f} min ({train[0]['threads']} thread)"
+            if train
+            else "—"
+        )
+        lines.append(
+            f"| {system} | {len(entries)} | {e0['trainable_parameters']:,} | {peak} | {wall} | "
+            f"{_mean_std([e['scores']['synthetic/test']['overall']['ciou'] for e in entries])} | "
+            f"{_mean_std([e['ability']['vqa'] for e in entries])} | {_mean_std([e['ability']['caption'] for e in entries])} | "
+            f"{_mean_std([e['ability'].get('same_as_base', float('nan')) for e in entries])} | "
+            f"{_mean_std([e['ability']['seg_style_replies'] for e in entries])} |"
+        )
+    table1 = "\n".join(lines)
+    head = "| system | val gIoU / cIoU | test gIoU / cIoU | test short | test long | test no-target gIoU | held-out phrasing gIoU / cIoU |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for system in order:
+        entries = by_system[system]
+
+        def pair(split: str, subset: str = "overall", entries: list = entries) -> str:
+            g = [e["scores"][split].get(subset, {}).get("giou", float("nan")) for e in entries]
+            c = [e["scores"][split].get(subset, {}).get("ciou", float("nan")) for e in entries]
+            return f"{_mean_std(g)} / {_mean_std(c)}"
+
+        def one(split: str, subset: str, entries: list = entries) -> str:
+            return _mean_std([e["scores"][split].get(subset, {}).get("giou", float("nan")) for e in entries])
+
+        lines.append(
+            f"| {system} | {pair('synthetic/val')} | {pair('synthetic/test')} | {one('synthetic/test', 'short')} | "
+            f"{one('synthetic/test', 'long')} | {one('synthetic/test', 'kind:no_target')} | {pair('synthetic/test_heldout_phrasing')} |"
+        )
+    table2 = "\n".join(lines)
+    lines = ["| system | A_c pointing (test queries with a target) |", "|---|---:|"]
+    for system in order:
+        lines.append(f"| {system} | {_mean_std([e['pointing'] for e in by_system[system]])} |")
+    evidence = "\n".join(lines)
+    align = [e["alignment"] for e in by_system.get("lens", []) if "alignment" in e]
+    if align:
+        a = align[0]
+        evidence += (
+            "\n\n| f_s vs layer-2 image features (LENS) | cosine |\n|---|---:|\n"
+            f"| target's cells | {a['target']:.3f} |\n| other objects' cells | {a['others']:.3f} |\n"
+            f"| target the most similar object ({a['queries']} queries) | {a['target_most_similar']:.3f} |"
+        )
+    return {"table1": table1, "table2": table2, "evidence": evidence}
+
+
+def write_docs(path: Path, results: dict[str, Any]) -> None:
+    """Replace each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block of ``path``."""
+    text = path.read_text()
+    for name, block in tables(results).items():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"{path} has no <!-- results:{name} --> block")
+        text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    app()
