@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from helpers import box_mask, make_lens, random_image
 from lens.baselines.lisa import LisaModel
-from lens.baselines.read import ReadModel
+from lens.baselines.read import ReadModel, similarity_points
 from lens.baselines.seg_token import IGNORE
 from lens.config import LensConfig
 from lens.data.loader import build_eval_dataset, build_train_datasets, train_ratios
@@ -86,8 +86,21 @@ def test_seg_state_equals_peft_merged_transformers_model():
     assert not torch.allclose(plain, ours.seg_hidden, atol=1e-4)
 
 
-def test_read_clicks_the_similarity_peak_where_sam_processor_puts_it():
-    model = _system("read", read_points=1)
+def test_read_selects_points_as_reads_similarity_map_to_points():
+    # a 3 x 4 map by hand: >= 0.8 positive (most similar first), <= 0.2 negative (least similar first); the
+    # padding column (x = 3) is never a candidate, whatever its value
+    similarity = torch.tensor([[0.9, 0.5, 0.1, 1.0], [0.8, 0.2, 0.95, 0.0], [0.0, 0.3, 0.6, 0.9]])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[:, 3] = False
+    points, labels = similarity_points(similarity, valid, num_points=6, positive=0.8, negative=0.2)
+    expected = [((2, 1), 1), ((0, 0), 1), ((0, 1), 1), ((0, 2), 0), ((2, 0), 0), ((1, 1), 0)]
+    assert [(tuple(int(v) for v in p), int(lab)) for p, lab in zip(points, labels, strict=True)] == expected
+    points, labels = similarity_points(similarity, valid, num_points=2, positive=0.8, negative=0.2)
+    assert labels.tolist() == [1, 1] and points.tolist() == [[2.0, 1.0], [0.0, 0.0]]
+
+
+def test_read_clicks_where_sam_processor_puts_them():
+    model = _system("read", read_points=3)
     _perturb_adapters(model)
     model.eval()
     image = random_image(50, 90, 3)  # wide: the MLLM pads it to a square, SAM pads bottom-right
@@ -95,12 +108,17 @@ def test_read_clicks_the_similarity_peak_where_sam_processor_puts_it():
     with torch.no_grad():
         out = model(inputs)
     grid = out.attention_map[0]
+    valid = inputs.geometries[0].valid_cells()
+    assert (
+        float(grid[valid].max()) == 1.0
+        and float(grid[valid].min()) == 0.0
+        and float(grid[~valid].abs().sum()) == 0
+    )
     peak = int(grid.flatten().argmax())
     gw = grid.shape[1]
-    assert out.keypoints[0, 0].tolist() == [peak % gw, peak // gw]
-    centre = inputs.geometries[0].grid_to_image(out.keypoints[0].float())[0]
-    sam_processor = model.decoder.processor
-    expected = sam_processor(
+    assert out.keypoints[0, 0].tolist() == [peak % gw, peak // gw]  # the most similar cell clicks first
+    centre = inputs.geometries[0].grid_to_image(out.keypoints[0, :1].float())[0]
+    expected = model.decoder.processor(
         images=[image],
         input_points=[[[[float(centre[0]) - 0.5, float(centre[1]) - 0.5]]]],
         return_tensors="pt",
@@ -119,7 +137,7 @@ def test_read_adds_the_peaks_to_lisas_prompt():
     with torch.no_grad():
         a, b = lisa(lisa.prepare(images, texts)), read(read.prepare(images, texts))
     torch.testing.assert_close(a.attention_map, b.attention_map)  # the same fine-tuned MLLM ...
-    assert a.keypoints.shape[1] == 0 and b.keypoints.shape[1] == read.config.baseline.read_points
+    assert a.keypoints.shape[1] == 0 and 1 <= b.keypoints_valid.sum() <= read.config.baseline.read_points
     assert not torch.allclose(a.low_res_logits, b.low_res_logits)  # ... but READ's clicks change SAM's mask
 
 

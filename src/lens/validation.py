@@ -50,6 +50,8 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("BaselineConfig", "lora_dropout"): (0, 1),
     ("BaselineConfig", "ce_weight"): (0, None),
     ("BaselineConfig", "read_points"): (1, None),
+    ("BaselineConfig", "read_positive"): (0, 1),
+    ("BaselineConfig", "read_negative"): (0, 1),
     ("BaselineConfig", "flmm_width"): (1, None),
 }
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

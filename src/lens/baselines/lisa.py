@@ -85,14 +85,17 @@ class LisaModel(nn.Module):
         conversation = self.mllm.conversation(images, instructions)
         return SegTokenInputs(None, embeddings, targets, conversation, geometries)  # type: ignore[arg-type]
 
-    def seg_map(self, out: SegTokenOutput, conversation: Conversation) -> Tensor:
-        """(B, gh, gw) cosine similarity of ``[SEG]``'s state with each image token's (READ's similarity map),
-        zero on cells of pure padding: the system's grounding map."""
+    def seg_map(self, out: SegTokenOutput, conversation: Conversation, valid: Tensor) -> Tensor:
+        """(B, gh, gw) READ's similarity map: the dot product of ``[SEG]``'s state with each image token's,
+        min-max normalised over the cells on the image (``valid``, (B, gh, gw) bool) to [0, 1], zero elsewhere."""
         gh, gw = self.backbone.grid_size
         rows = torch.arange(len(out.hidden_states), device=out.hidden_states.device)
         image = out.hidden_states[rows[:, None], conversation.image_positions]  # (B, N, d)
-        similarity = nn.functional.cosine_similarity(image, out.seg_hidden[:, None], dim=-1)  # (B, N)
-        return similarity.view(-1, gh, gw)
+        similarity = (image @ out.seg_hidden[:, :, None])[..., 0].view(-1, gh, gw).float()  # (B, gh, gw)
+        low = torch.where(valid, similarity, torch.inf).amin((1, 2), keepdim=True)
+        high = torch.where(valid, similarity, -torch.inf).amax((1, 2), keepdim=True)
+        normalised = (similarity - low) / (high - low).clamp(min=1e-12)
+        return torch.where(valid, normalised, torch.zeros_like(normalised))
 
     def decode(
         self, inputs: SegTokenInputs, out: SegTokenOutput, grid_map: Tensor
@@ -112,14 +115,13 @@ class LisaModel(nn.Module):
     def forward(self, inputs: SegTokenInputs) -> LensOutput:
         conversation = inputs.conversation.to(self.device)
         out = self.mllm(conversation)
-        grid_map = self.seg_map(out, conversation)
         valid = torch.stack([g.valid_cells(self.device) for g in inputs.geometries])  # (B, gh, gw)
-        grid_map = torch.where(valid, grid_map, torch.zeros_like(grid_map))
+        grid_map = self.seg_map(out, conversation, valid)
         low_res, iou, points, used = self.decode(inputs, out, grid_map)
         mask_logits = [
             g.postprocess_masks(x.float()) for g, x in zip(inputs.geometries, low_res, strict=True)
         ]
-        result = LensOutput(mask_logits, low_res, iou, grid_map.detach().clamp(min=0), points, used)
+        result = LensOutput(mask_logits, low_res, iou, grid_map.detach(), points, used)
         if inputs.masks is not None:
             losses = mask_losses(mask_logits, [m.to(self.device) for m in inputs.masks], self.config.loss)
             losses["ce_loss"] = out.ce_loss
