@@ -174,6 +174,8 @@ class BaselineConfig:
     read_negative: float = 0.2
     # F-LMM: base channel width of the U-Net that maps the stacked attention maps to mask logits
     flmm_width: int = 32
+    # F-LMM's ``upsample_input``: the attention stack is upsampled to about this many cells a side first
+    flmm_upsample: int = 64
 
 
 @dataclass

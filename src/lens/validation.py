@@ -53,6 +53,7 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("BaselineConfig", "read_positive"): (0, 1),
     ("BaselineConfig", "read_negative"): (0, 1),
     ("BaselineConfig", "flmm_width"): (1, None),
+    ("BaselineConfig", "flmm_upsample"): (1, None),
 }
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("BackboneConfig", "dtype"): ("float32", "float16", "bfloat16"),

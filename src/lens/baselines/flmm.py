@@ -153,9 +153,9 @@ class _UpBlock(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], 1))
 
 
-def upsample_factor(grid_h: int, grid_w: int) -> int:
-    """Integer factor taking an attention grid to about ``UPSAMPLE_TO`` cells a side (never down)."""
-    return max(1, math.ceil(UPSAMPLE_TO / max(grid_h, grid_w)))
+def upsample_factor(grid_h: int, grid_w: int, target: int = UPSAMPLE_TO) -> int:
+    """Integer factor taking an attention grid to about ``target`` cells a side (never down)."""
+    return max(1, math.ceil(target / max(grid_h, grid_w)))
 
 
 class AttentionUNet(nn.Module):
@@ -167,8 +167,16 @@ class AttentionUNet(nn.Module):
         width: channels of the first stage (F-LMM: 64), doubled at each of the ``stages - 1`` levels down.
     """
 
-    def __init__(self, in_channels: int, width: int, stages: int = UNET_STAGES, convs: int = UNET_CONVS):
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stages: int = UNET_STAGES,
+        convs: int = UNET_CONVS,
+        upsample_to: int = UPSAMPLE_TO,
+    ):
         super().__init__()
+        self.upsample_to = upsample_to
         widths = [width * 2**i for i in range(stages)]
         self.encoder = nn.ModuleList(
             [_conv_block(in_channels, widths[0], convs)]
@@ -188,7 +196,7 @@ class AttentionUNet(nn.Module):
         n, _, gh, gw = maps.shape
         x = maps * valid[:, None]  # padding cells (and cells beyond the image's grid) carry nothing
         x = x / x.sum((-2, -1), keepdim=True).clamp(min=1e-12)  # F-LMM's ``normalize_input``, per channel
-        s = upsample_factor(gh, gw)
+        s = upsample_factor(gh, gw, self.upsample_to)
         # (n, C, s*gh, s*gw): F-LMM's ``upsample_input``
         x = F.interpolate(x, scale_factor=float(s), mode="bilinear", align_corners=False)
         h, w = x.shape[-2:]
@@ -335,7 +343,9 @@ class FlmmModel(nn.Module):
         self.decoder.cls_position.requires_grad_(False)  # LENS's [CLS] position: no part of F-LMM's prompts
         spec = backbone.layer_spec()
         layers = len(backbone.decoder_layers)
-        self.unet = AttentionUNet(layers * spec.num_heads, config.baseline.flmm_width)
+        self.unet = AttentionUNet(
+            layers * spec.num_heads, config.baseline.flmm_width, upsample_to=config.baseline.flmm_upsample
+        )
         self.text = TextPrompts(layers, spec.hidden_size, decoder.prompt_dim)
         self.mask_size = 4 * decoder.sam.config.prompt_encoder_config.image_embedding_size
 
@@ -420,7 +430,9 @@ class FlmmModel(nn.Module):
         # The grounding map: the coarse mask's probability per attention cell, zero off each image's grid cells.
         gh, gw = f.max_grid
         per_cell = [
-            F.avg_pool2d(c.detach().float().sigmoid()[None], upsample_factor(*size))[0]  # (gh_i, gw_i)
+            F.avg_pool2d(c.detach().float().sigmoid()[None], upsample_factor(*size, self.unet.upsample_to))[
+                0
+            ]  # (gh_i, gw_i)
             for c, size in zip(coarse, f.grid_sizes.tolist(), strict=True)
         ]
         cells = valid_cell_mask(geometries, gh, gw, self.device)
