@@ -7,7 +7,8 @@ answer exactly as the base model does), and measure A_c pointing. LENS's f_s ali
 evidence) is measured once per LENS run. Everything lands in ``RUNS/results.json``; ``--docs`` rewrites the
 generated tables of docs/results.md (between its ``<!-- results:NAME -->`` markers) from that file.
 
-    python scripts/results.py --runs ~/runs/results --steps 1000 --seeds 0 --docs docs/results.md
+    python scripts/results.py run --runs ~/runs/results --steps 1000 --seeds 0 --docs docs/results.md
+    python scripts/results.py figure --runs ~/runs/results --out docs/results_figure.png
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def scores(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@app.command()
+@app.command("run")
 def main(
     runs: Annotated[Path, typer.Option(help="run directories and results.json (outside the work tree)")],
     config: Annotated[Path, typer.Option(help="the recipe every system shares")] = Path(
@@ -305,6 +306,79 @@ def main(
             logger.info("%s: %s", key, json.dumps({k: v for k, v in entry.items() if k != "scores"}))
     if docs is not None:
         write_docs(docs, results)
+
+
+@torch.inference_mode()
+def masks_of(model: torch.nn.Module, rows: list[Any]) -> list[np.ndarray]:
+    """Each row's binary mask from ``model`` (any system), as ``lens eval`` thresholds it."""
+    from lens.batches import lens_inputs
+
+    out = model(lens_inputs(model, rows))
+    return [(m.float() > model.config.decoder.mask_threshold).cpu().numpy() for m in out.mask_logits]
+
+
+@app.command()
+def figure(
+    runs: Annotated[Path, typer.Option(help="the run directories of `main`")],
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("docs/results_figure.png"),
+    config: Annotated[Path, typer.Option(help="the recipe every system shares")] = Path(
+        "configs/synthetic.yaml"
+    ),
+    systems: Annotated[str, typer.Option(help="comma-separated systems, LENS first")] = ",".join(SYSTEMS),
+    queries: Annotated[str, typer.Option(help="comma-separated test query indices")] = "0,5,12,21",
+    seed: Annotated[int, typer.Option(help="which seed's runs")] = 0,
+    layer: Annotated[int, typer.Option(min=1, help="the training-free system's layer")] = 3,
+    height: Annotated[int, typer.Option(min=32, help="rows of each picture")] = 128,
+) -> None:
+    """Per test query: the image, LENS's A_c with its keypoints (white inside the mask, red outside), the ground
+    truth, then every system's mask."""
+    from PIL import Image, ImageDraw
+
+    from lens.visualize import TRUTH_COLOUR, lens_figure, overlay_mask, panel
+
+    cfg = LensConfig.from_yaml(config)
+    names = systems.split(",")
+    test = next(s for s in eval_splits(cfg, ["synthetic/test"]))
+    rows = [test.data.rows(int(i), 0)[0] for i in queries.split(",")]
+    masks: dict[str, list[np.ndarray]] = {}
+    lens_panels = []
+    for name in names:
+        model = load_system(runs, name, seed, cfg, layer)
+        masks[name] = masks_of(model, rows)
+        if name == "lens":
+            for row in rows:
+                prediction = model.predict(row.image, row.instruction)
+                lens_panels.append(
+                    lens_figure(row.image, prediction, row.query, np.asarray(row.mask), height)
+                )
+        del model
+    lines = []
+    for i, row in enumerate(rows):
+        pictures = [overlay_mask(row.image, np.asarray(row.mask) == 1, TRUTH_COLOUR)]
+        titles = ["ground truth"]
+        for name in names:
+            pictures.append(overlay_mask(row.image, masks[name][i]))
+            titles.append(name)
+        strip = panel(pictures, titles, height)
+        if lens_panels:
+            head = lens_panels[i].crop((0, 0, lens_panels[i].width, lens_panels[i].height))
+            both = Image.new("RGB", (head.width + 8 + strip.width, max(head.height, strip.height)), "white")
+            both.paste(head, (0, 0))
+            both.paste(strip, (head.width + 8, both.height - strip.height))
+            strip = both
+        lines.append(strip)
+    width = max(line.width for line in lines)
+    sheet = Image.new("RGB", (width, sum(line.height + 6 for line in lines)), "white")
+    y = 0
+    for line in lines:
+        sheet.paste(line, (0, y))
+        ImageDraw.Draw(sheet).line(
+            [(0, y + line.height + 2), (width, y + line.height + 2)], fill=(200, 200, 200)
+        )
+        y += line.height + 6
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, optimize=True)
+    typer.echo(f"wrote {out} ({sheet.width} x {sheet.height})")
 
 
 def _mean_std(values: list[float]) -> str:
