@@ -10,6 +10,7 @@ offline from the synthetic world; the models are the shipped checkpoints.
     python benchmarks/train_step.py --device cuda
     python benchmarks/train_step.py --threads 2 --cached   # the same steps read from a feature cache
     python benchmarks/train_step.py --threads 2 --bf16     # forward under bf16 autocast (fp32 weights)
+    python benchmarks/train_step.py --threads 2 --set baseline.system=lisa   # a comparison system's step
 
 With ``--cached`` the same batches are first written to a feature cache (``lens.cache.build_cache``, untimed),
 the MLLM and SAM's image encoder are dropped as ``lens train --cache-root`` drops them, and ``inputs`` is the
@@ -121,11 +122,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cached", action="store_true", help="time steps on a feature cache of the batches")
     parser.add_argument("--bf16", action="store_true", help="inputs and forward under bf16 autocast")
+    parser.add_argument(
+        "--set", action="append", default=[], help="section.key=value, e.g. baseline.system=lisa (repeatable)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = LensConfig.from_yaml(args.config)
+    config = LensConfig.from_yaml(args.config).override(args.set)
     times = time_steps(config, torch.device(args.device), args.steps, args.warmup, args.cached, args.bf16)
     total = [sum(parts) for parts in zip(*times.values(), strict=True)]
     logger.info(

@@ -58,7 +58,7 @@ def test_every_system_trains_scores_and_reaches_the_tables(tmp_path):
         )
     )
     runs = tmp_path / "runs"
-    args = ["--runs", str(runs), "--config", str(config), "--steps", "2", "--vqa-scenes", "1"]
+    args = ["run", "--runs", str(runs), "--config", str(config), "--steps", "2", "--vqa-scenes", "1"]
     args += ["--pointing-queries", "4", "--layer", "1", "--eval-limit", "4", "--docs", str(docs)]
     result = CliRunner().invoke(script.app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
