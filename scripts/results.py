@@ -381,6 +381,46 @@ def figure(
     typer.echo(f"wrote {out} ({sheet.width} x {sheet.height})")
 
 
+@app.command()
+def sensitivity(
+    runs: Annotated[Path, typer.Option(help="where the evaluation records and sensitivity.json go")],
+    checkpoint: Annotated[str, typer.Option(help="a trained LENS")] = "lens:synthetic/lens",
+    settings: Annotated[
+        str, typer.Option(help="semicolon-separated rows of comma-separated section.key=value")
+    ] = "keypoints.nms_radius=1;keypoints.nms_radius=2;keypoints.nms_radius=3;keypoints.nms_radius=4;"
+    "keypoints.max_points=4;keypoints.max_points=8",
+    split: Annotated[str, typer.Option(help="dataset/split")] = "synthetic/test",
+    limit: Annotated[int | None, typer.Option(min=1, help="first N queries")] = None,
+    docs: Annotated[Path | None, typer.Option(help="rewrite this file's sensitivity table")] = None,
+) -> None:
+    """Inference-time sensitivity of one trained LENS: the same weights scored with keypoint settings changed
+    (NMS radius, m), which need no retraining (the reviewers' NMS question)."""
+    import dataclasses
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    model = load_lens(checkpoint).eval()
+    trained = model.config
+    chosen = eval_splits(trained, [split])
+    file = runs / "sensitivity.json"
+    rows: dict[str, Any] = json.loads(file.read_text()) if file.is_file() else {}
+    for row in ["", *settings.split(";")]:
+        name = row or "as trained"
+        model.config = trained.override([a for a in row.split(",") if a])
+        results = evaluate(
+            model, chosen, runs / "sensitivity" / (row or "trained").replace("=", "-"), limit=limit
+        )
+        overall = results["splits"][split]["overall"]
+        rows[name] = {"giou": overall["giou"], "ciou": overall["ciou"], "count": overall["count"]}
+        logger.info("%s: %s", name, rows[name])
+    model.config = dataclasses.replace(trained)
+    runs.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(rows, indent=1) + "\n")
+    if docs is not None:
+        lines = [f"| keypoint setting at inference | {split} gIoU / cIoU |", "|---|---:|"]
+        lines += [f"| {k} | {v['giou']:.3f} / {v['ciou']:.3f} |" for k, v in rows.items()]
+        _replace_block(docs, "sensitivity", "\n".join(lines))
+
+
 def _mean_std(values: list[float]) -> str:
     if not values or any(v != v for v in values):
         return "n/a"
@@ -450,15 +490,19 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
     return {"table1": table1, "table2": table2, "evidence": evidence}
 
 
-def write_docs(path: Path, results: dict[str, Any]) -> None:
-    """Replace each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block of ``path``."""
+def _replace_block(path: Path, name: str, block: str) -> None:
+    """Replace the ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block of ``path`` with ``block``."""
     text = path.read_text()
+    pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no <!-- results:{name} --> block")
+    path.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
+
+
+def write_docs(path: Path, results: dict[str, Any]) -> None:
+    """Rewrite each generated block of ``path`` from ``results``."""
     for name, block in tables(results).items():
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise ValueError(f"{path} has no <!-- results:{name} --> block")
-        text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
-    path.write_text(text)
+        _replace_block(path, name, block)
 
 
 if __name__ == "__main__":
