@@ -37,7 +37,8 @@ class BackboneConfig:
 class HeadConfig:
     """The two-layer segmentation head (paper §3.1); its shape mirrors one backbone decoder layer."""
 
-    init_from_backbone: bool = False  # copy the weights of backbone layers k+1 and k+2 into the head
+    # copy the weights of backbone layers k+1 and k+2 into the head (needs k <= the MLLM's depth - 2)
+    init_from_backbone: bool = False
 
 
 @dataclass
@@ -46,6 +47,7 @@ class KeypointConfig:
 
     max_points: int = 16  # m (= N in S1.1): at most this many keypoints per image
     nms_radius: float = 4.0  # r: suppression radius, in attention-grid cells (Euclidean)
+    subpixel: bool = True  # S1.2's Newton step after NMS; false: the NMS cells as they are (an ablation)
     subpixel_eps: float = 1e-6  # ε: Tikhonov term of the regularised Newton step
     neighbourhood: int = 3  # p: a p×p patch of layer-2 features is sampled around each keypoint
 
@@ -56,6 +58,18 @@ class DescriptorConfig:
 
     num_heads: int = 8
     global_only_prob: float = 0.5  # S1.4: during training, use only the global description with this prob.
+    # Ablations (docs/training.md, "Ablation switches"); the defaults are the paper's method. False: only f_s
+    # prompts the decoder (Table 2 "w/o keypoint description"); only the keypoints do ("w/o global description").
+    keypoint_descriptions: bool = True
+    global_description: bool = True
+    width: int | None = None  # attend at this width (f_s, neighbourhoods projected to it); None: the MLLM's
+
+    def __post_init__(self) -> None:
+        if not (self.keypoint_descriptions or self.global_description):
+            raise InvalidConfig(
+                "descriptor.keypoint_descriptions and descriptor.global_description cannot both be false: "
+                "nothing would prompt the mask decoder"
+            )
 
 
 @dataclass

@@ -42,16 +42,31 @@ class KeypointDescriptor(nn.Module):
         num_heads: attention heads of both attention steps.
         global_only_prob: S1.4's training-time dropout: with this probability per sample, keypoint
             descriptions are dropped and only the global description prompts the decoder.
+        width: None (the paper): attend at the backbone's width d. Else f_s and the neighbourhood features go
+            through one Linear(d, width) first (both are layer-2 features, one space), so both attention
+            steps and their MLPs run at ``width`` (the "narrow descriptor" ablation).
+        keypoint_descriptions: False (ablation): no cross-attention, no d_i; D is [f_s] alone, (B, 1, d_s).
     """
 
-    def __init__(self, dim: int, out_dim: int, num_heads: int = 8, global_only_prob: float = 0.5):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        num_heads: int = 8,
+        global_only_prob: float = 0.5,
+        width: int | None = None,
+        keypoint_descriptions: bool = True,
+    ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"descriptor width {dim} is not divisible by num_heads={num_heads}")
+        inner = dim if width is None else width
+        if inner % num_heads:
+            raise ValueError(f"descriptor width {inner} is not divisible by num_heads={num_heads}")
         self.global_only_prob = global_only_prob
-        self.cross = Block(dim, num_heads, cross=True)
-        self.mix = Block(dim, num_heads, cross=False)
-        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim))
+        if width is not None:  # only when set: the paper's state dict is unchanged
+            self.narrow = nn.Linear(dim, width)
+        self.cross = Block(inner, num_heads, cross=True) if keypoint_descriptions else None
+        self.mix = Block(inner, num_heads, cross=False)
+        self.proj = nn.Sequential(nn.LayerNorm(inner), nn.Linear(inner, out_dim))
 
     def forward(
         self,
@@ -60,7 +75,15 @@ class KeypointDescriptor(nn.Module):
         valid: Tensor,  # (B, m) bool
     ) -> tuple[Tensor, Tensor]:
         """Returns D (B, 1 + m, out_dim) with the global description first, and the validity (B, m)
-        actually used (all False for samples that drew S1.4's global-only dropout)."""
+        actually used (all False for samples that drew S1.4's global-only dropout). Without keypoint
+        descriptions: D (B, 1, out_dim) and a (B, 0) validity."""
+        narrow = getattr(self, "narrow", None)
+        if narrow is not None:
+            query = narrow(query)  # (B, w)
+        if self.cross is None:  # self-attention over {f_s} alone
+            return self.proj(self.mix(query[:, None])), valid[:, :0]
+        if narrow is not None:
+            neighbourhoods = narrow(neighbourhoods)  # (B, m, p*p, w)
         B, m, n, d = neighbourhoods.shape
         if self.training and self.global_only_prob > 0:
             keep = torch.rand(B, 1, device=valid.device) >= self.global_only_prob

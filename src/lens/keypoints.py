@@ -255,13 +255,17 @@ def extract_keypoints(
     max_points: int = 16,
     eps: float = 1e-6,
     cells: Tensor | None = None,
+    subpixel: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``Sub-pixel(NMS(heatmaps))`` of eq. 3, on the ``cells`` (B, H, W) bool a keypoint may use (all if None).
+    ``subpixel`` False skips the Newton step: ``NMS(heatmaps)``, the ablation without sub-pixel refinement.
 
     Returns:
         points: (B, N, 2) refined (x, y) in cells; invalid slots stay (0, 0).
         valid: (B, N) bool, valid slots first.
     """
     points, valid = nms(heatmaps, radius=radius, max_points=max_points, cells=cells)
+    if not subpixel:
+        return points, valid
     refined = refine_subpixel(heatmaps, points, eps=eps, cells=cells)
     return torch.where(valid[..., None], refined, torch.zeros_like(refined)), valid

@@ -22,6 +22,7 @@ from lens.backbone import Backbone, BackboneFeatures, first_of_each, unique_imag
 from lens.config import LensConfig
 from lens.decoders import ImageEmbeddings, MaskDecoderBridge
 from lens.descriptor import KeypointDescriptor
+from lens.errors import InvalidConfig
 from lens.geometry import ImageGeometry, grid_cell_index, pad_grids, to_padded_grid, valid_cell_mask
 from lens.head import SegmentationHead
 from lens.images import load_image, validate_queries
@@ -51,7 +52,7 @@ class LensOutput:
     iou_scores: Tensor  # (B,) the decoder's predicted IoU
     attention_map: Tensor  # (B, gh_max, gw_max) A_c in [0, 1], zero outside each image's own grid
     keypoints: Tensor  # (B, m, 2) x, y in attention-grid cells (sub-pixel), on the image
-    keypoints_valid: Tensor  # (B, m) bool, as used by the decoder
+    keypoints_valid: Tensor  # (B, m) bool, as used by the decoder (without keypoint descriptions: as found)
     loss: Tensor | None = None
     losses: dict[str, Tensor] | None = None  # dice_loss, bce_loss, attention_loss (unweighted)
 
@@ -89,17 +90,30 @@ class LensModel(nn.Module):
         self.config = config
         self.backbone = backbone
         self.decoder = decoder
-        spec = backbone.layer_spec()
+        spec, dc = backbone.layer_spec(), config.descriptor
         self.head = SegmentationHead(spec)
         self.descriptor = KeypointDescriptor(
             spec.hidden_size,
             decoder.prompt_dim,
-            config.descriptor.num_heads,
-            config.descriptor.global_only_prob,
+            dc.num_heads,
+            dc.global_only_prob if dc.global_description else 0.0,  # no global-only path without f_s
+            width=dc.width,
+            keypoint_descriptions=dc.keypoint_descriptions,
         )
+        if not dc.global_description:  # f_s's [CLS] position never reaches the decoder: it does not train
+            decoder.cls_position.requires_grad_(False)
         if config.head.init_from_backbone:
-            for i, layer in enumerate(self.head.layers):
-                layer.load_state_dict(backbone.decoder_layer_state(backbone.layer + 1 + i))
+            k = backbone.layer
+            try:
+                states = [backbone.decoder_layer_state(k + 1 + i) for i in range(len(self.head.layers))]
+            except ValueError as err:
+                raise InvalidConfig(
+                    f"head.init_from_backbone copies backbone layers k+1 and k+2 into the head, but "
+                    f"backbone.layer is k = {k} ({err}): use a k at least two below the MLLM's depth, "
+                    "or head.init_from_backbone: false"
+                ) from None
+            for layer, state in zip(self.head.layers, states, strict=True):
+                layer.load_state_dict(state)
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +178,12 @@ class LensModel(nn.Module):
         with torch.no_grad():
             cells = valid_cell_mask(f.geometries, gh, gw, self.device)  # (B, gh, gw)
             points, valid = extract_keypoints(
-                head.attention_scores.float(), kp.nms_radius, kp.max_points, kp.subpixel_eps, cells
+                head.attention_scores.float(),
+                kp.nms_radius,
+                kp.max_points,
+                kp.subpixel_eps,
+                cells,
+                subpixel=kp.subpixel,
             )  # (B, m, 2)
             points = _clamp_to_images(points, f.geometries)  # a step can leave the image: keep it on
 
@@ -179,17 +198,21 @@ class LensModel(nn.Module):
             feature_map, points, kp.neighbourhood, f.grid_sizes
         )  # (B, m, p*p, d)
         f_s = head.hidden_states[rows, f.answer_index]  # (B, d)
-        descriptions, used = self.descriptor(f_s, neighbourhoods, valid)  # (B, 1 + m, d_s), (B, m)
+        descriptions, used = self.descriptor(f_s, neighbourhoods, valid)  # (B, 1 + m', d_s), (B, m')
+        # m' = m; 0 without keypoint descriptions (the decoder gets f_s alone, no point at all)
+        if not self.config.descriptor.global_description:
+            descriptions = descriptions[:, 1:]  # f_s informed the d_i's self-attention but is no prompt
 
         decoder_points = torch.stack(
-            [g.grid_to_decoder(p) for g, p in zip(f.geometries, points, strict=True)]
-        )
+            [g.grid_to_decoder(p) for g, p in zip(f.geometries, points[:, : used.shape[1]], strict=True)]
+        )  # (B, m', 2)
         embeddings = self.decoder.move(inputs.decoder_embeddings, self.device)
         dtype = _first_tensor(embeddings).dtype
         low_res, iou = self.decoder(embeddings, descriptions.to(dtype), decoder_points, used)
         mask_logits = [g.postprocess_masks(x.float()) for g, x in zip(f.geometries, low_res, strict=True)]
 
-        out = LensOutput(mask_logits, low_res, iou, head.attention_map, points, used)
+        shown = used if used.shape[1] == valid.shape[1] else valid  # no keypoint prompts: NMS's, for display
+        out = LensOutput(mask_logits, low_res, iou, head.attention_map, points, shown)
         if inputs.masks is not None:
             targets = [m.to(self.device) for m in inputs.masks]
             attention_target = pad_grids(

@@ -25,6 +25,7 @@ LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("KeypointConfig", "neighbourhood"): (1, None),
     ("DescriptorConfig", "num_heads"): (1, None),
     ("DescriptorConfig", "global_only_prob"): (0, 1),
+    ("DescriptorConfig", "width"): (1, None),
     ("LossConfig", "dice_weight"): (0, None),
     ("LossConfig", "bce_weight"): (0, None),
     ("LossConfig", "attention_weight"): (0, None),

@@ -59,8 +59,8 @@ class MaskDecoderBridge(nn.Module):
     def forward(
         self,
         embeddings: ImageEmbeddings,  # batch of B, as ``embed_images`` / ``select`` give them
-        descriptions: Tensor,  # (B, 1 + m, d_s) global description first
-        points: Tensor,  # (B, m, 2) x, y in decoder-frame pixels (continuous)
+        descriptions: Tensor,  # (B, 1 + m, d_s) global description first; (B, m) without one (an ablation)
+        points: Tensor,  # (B, m, 2) x, y in decoder-frame pixels (continuous); m may be 0
         valid: Tensor,  # (B, m) bool
     ) -> tuple[Tensor, Tensor]:
         """Low-resolution mask logits (B, h, w) in the decoder frame and the predicted IoU (B,)."""

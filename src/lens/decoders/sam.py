@@ -61,21 +61,24 @@ class SamFamilyDecoder(MaskDecoderBridge):
 
     def prompts(
         self,
-        descriptions: Tensor,  # (B, 1 + m, d_s) global description first
+        descriptions: Tensor,  # (B, g + m, d_s) global description first (g = 1; 0 in the ablation without it)
         points: Tensor,  # (B, m, 2) x, y in decoder input pixels (continuous)
         valid: Tensor,  # (B, m) bool
         image_embeddings: Tensor,  # (B, d_s, h, w)
     ) -> dict[str, Tensor]:
-        """The mask decoder's prompt inputs, in the embeddings' dtype: sparse (B, 1, 1 + m, d_s), dense and
+        """The mask decoder's prompt inputs, in the embeddings' dtype: sparse (B, 1, g + m, d_s), dense and
         image-wide positional embeddings (B, d_s, h, w)."""
         sam, d = self.sam, descriptions.dtype
         B, (h, w), dtype = descriptions.shape[0], image_embeddings.shape[-2:], image_embeddings.dtype
-        keypoint_prompts = descriptions[:, 1:] + self.encode_points(points).to(d)
+        g = descriptions.shape[1] - points.shape[1]
+        if g not in (0, 1):
+            raise ValueError(f"{descriptions.shape[1]} descriptions for {points.shape[1]} points")
+        keypoint_prompts = descriptions[:, g:] + self.encode_points(points).to(d)
         # Invalid slots become SAM's own padding point, exactly as SAM pads its point prompts.
         padding = sam.prompt_encoder.not_a_point_embed.weight.to(d)  # (1, d_s)
         keypoint_prompts = torch.where(valid[..., None], keypoint_prompts, padding)
-        global_prompt = descriptions[:, :1] + self.cls_position.to(d)
-        sparse = torch.cat([global_prompt, keypoint_prompts], dim=1)[:, None]  # (B, 1, 1 + m, d_s)
+        prompts = [descriptions[:, :1] + self.cls_position.to(d)] if g else []
+        sparse = torch.cat([*prompts, keypoint_prompts], dim=1)[:, None]  # (B, 1, g + m, d_s)
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
         image_pe = sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
         return {
