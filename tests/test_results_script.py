@@ -77,3 +77,21 @@ def test_every_system_trains_scores_and_reaches_the_tables(tmp_path):
     assert "alignment" in results["lens/s0"]
     text = docs.read_text()
     assert "old" not in text and "| lisa | 1 |" in text and "| training_free |" in text
+
+    # the same trained LENS, scored with another NMS radius at inference: the weights are the run's own
+    args = ["sensitivity", "--runs", str(runs), "--checkpoint", str(runs / "lens-s0" / "model")]
+    args += [
+        "--settings",
+        "keypoints.nms_radius=1;keypoints.max_points=4",
+        "--limit",
+        "4",
+        "--docs",
+        str(docs),
+    ]
+    result = CliRunner().invoke(script.app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((runs / "sensitivity.json").read_text())
+    assert list(rows) == ["as trained", "keypoints.nms_radius=1", "keypoints.max_points=4"]
+    trained = results["lens/s0"]["scores"]["synthetic/test"]["overall"]
+    assert rows["as trained"]["giou"] == pytest.approx(trained["giou"])  # the same weights, the same queries
+    assert "| keypoints.max_points=4 |" in docs.read_text() and "old" not in docs.read_text()
