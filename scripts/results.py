@@ -51,10 +51,18 @@ def run_dir(root: Path, system: str, seed: int) -> Path:
 
 
 def train_system(
-    config: Path, system: str, seed: int, steps: int, root: Path, threads: int, extra: Sequence[str]
+    config: Path,
+    system: str,
+    seed: int,
+    steps: int,
+    root: Path,
+    threads: int,
+    extra: Sequence[str],
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Train one system in a subprocess; wall time and the peak resident memory of its main process."""
-    out = run_dir(root, system, seed)
+    """Train one system in a subprocess (into ROOT/<name or system>-s<seed>); wall time and the peak resident
+    memory of its main process."""
+    out = run_dir(root, name or system, seed)
     meta_file = out / "train_meta.json"
     if (out / "model").is_dir() and meta_file.is_file():
         return json.loads(meta_file.read_text())
@@ -382,6 +390,71 @@ def figure(
 
 
 @app.command()
+def ablations(
+    runs: Annotated[Path, typer.Option(help="run directories and results.json (outside the work tree)")],
+    rows: Annotated[str, typer.Option(help="comma-separated rows of scripts/ablations.py")],
+    config: Annotated[Path, typer.Option(help="the recipe every row overrides")] = Path(
+        "configs/synthetic.yaml"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps of every row")] = 1000,
+    seed: Annotated[int, typer.Option(help="the training seed (one seed for the ablation rows)")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of each training")] = 1,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="first N queries of each split")] = None,
+    pointing_queries: Annotated[int, typer.Option(min=1, help="test queries for A_c pointing")] = 400,
+    docs: Annotated[Path | None, typer.Option(help="rewrite this file's generated tables")] = None,
+    train_only: Annotated[bool, typer.Option(help="train, then stop (score later)")] = False,
+) -> None:
+    """LENS's ablation rows (scripts/ablations.py), trained on the same budget as the systems and scored alike."""
+    import importlib.util
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = importlib.util.spec_from_file_location("ablation_rows", Path(__file__).with_name("ablations.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    chosen = rows.split(",")
+    unknown = sorted(set(chosen) - set(table.ROWS))
+    if unknown:
+        raise typer.BadParameter(f"unknown rows {unknown}; known: {sorted(table.ROWS)}")
+    for row in chosen:
+        train_system(
+            config, "lens", seed, steps, runs, threads, list(table.ROWS[row]), name=f"ablation-{row}"
+        )
+    if train_only:
+        return
+    results_file = runs / RESULTS
+    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for row in chosen:
+        key = f"ablation:{row}/s{seed}"
+        if (
+            key in results
+            and results[key].get("steps") == steps
+            and results[key].get("eval_limit") == eval_limit
+        ):
+            continue
+        directory = run_dir(runs, f"ablation-{row}", seed)
+        model = load_lens(directory / "model").eval()
+        splits = eval_splits(model.config, list(SPLITS))
+        entry: dict[str, Any] = {
+            "system": "lens",
+            "ablation": row,
+            "overrides": list(table.ROWS[row]),
+            "seed": seed,
+            "steps": steps,
+            "eval_limit": eval_limit,
+            "train": json.loads((directory / "train_meta.json").read_text()),
+            "trainable_parameters": trainable_parameters(model),
+        }
+        out = runs / "eval" / f"ablation-{row}-s{seed}"
+        entry["scores"] = scores(evaluate(model, splits, out, batch_size=8, limit=eval_limit, method=row))
+        entry["pointing"] = pointing(model, next(s for s in splits if s.split == "test"), pointing_queries)
+        results[key] = entry
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        logger.info("%s: pointing %.3f", key, entry["pointing"])
+    if docs is not None:
+        write_docs(docs, results)
+
+
+@app.command()
 def sensitivity(
     runs: Annotated[Path, typer.Option(help="where the evaluation records and sensitivity.json go")],
     checkpoint: Annotated[str, typer.Option(help="a trained LENS")] = "lens:synthetic/lens",
@@ -433,7 +506,8 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
     """The generated Markdown blocks of docs/results.md from ``results.json``."""
     by_system: dict[str, list[dict[str, Any]]] = {}
     for entry in results.values():
-        by_system.setdefault(entry["system"], []).append(entry)
+        if "ablation" not in entry:
+            by_system.setdefault(entry["system"], []).append(entry)
     order = [s for s in SYSTEMS if s in by_system]
     lines = [
         "| system | seeds | trainable parameters | training peak RSS | training wall time | test cIoU | VQA (no captions) | captions | same answers as base | segmentation-style replies |",
@@ -487,7 +561,21 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
             f"| target's cells | {a['target']:.3f} |\n| other objects' cells | {a['others']:.3f} |\n"
             f"| target the most similar object ({a['queries']} queries) | {a['target_most_similar']:.3f} |"
         )
-    return {"table1": table1, "table2": table2, "evidence": evidence}
+    lines = [
+        "| LENS ablation | overrides | trainable parameters | val gIoU / cIoU | test gIoU / cIoU | held-out phrasing gIoU / cIoU | A_c pointing |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [("lens (as shipped recipe)", "", e) for e in by_system.get("lens", [])[:1]]
+    rows += [(e["ablation"], " ".join(e["overrides"]), e) for e in results.values() if "ablation" in e]
+    for name, overrides, e in rows:
+        cells = [
+            f"{e['scores'][s]['overall']['giou']:.3f} / {e['scores'][s]['overall']['ciou']:.3f}"
+            for s in SPLITS
+        ]
+        lines.append(
+            f"| {name} | {overrides or '—'} | {e['trainable_parameters']:,} | {' | '.join(cells)} | {e['pointing']:.3f} |"
+        )
+    return {"table1": table1, "table2": table2, "evidence": evidence, "ablations": "\n".join(lines)}
 
 
 def _replace_block(path: Path, name: str, block: str) -> None:

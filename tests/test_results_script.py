@@ -12,7 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from lens.config import LensConfig
 from lens.tiny import build_tiny_models
+from lens.weights import CONFIG_NAME
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "results.py"
 TINY_WORLD = {"seed": 0, "height": 64, "width": 64, "train_size": 6, "val_size": 2, "test_size": 2}
@@ -95,3 +97,23 @@ def test_every_system_trains_scores_and_reaches_the_tables(tmp_path):
     trained = results["lens/s0"]["scores"]["synthetic/test"]["overall"]
     assert rows["as trained"]["giou"] == pytest.approx(trained["giou"])  # the same weights, the same queries
     assert "| keypoints.max_points=4 |" in docs.read_text() and "old" not in docs.read_text()
+
+    # an ablation row: LENS with one override, on the same budget, in its own table
+    args = [
+        "ablations",
+        "--runs",
+        str(runs),
+        "--config",
+        str(config),
+        "--rows",
+        "no_attn_loss",
+        "--steps",
+        "2",
+    ]
+    args += ["--eval-limit", "4", "--pointing-queries", "4", "--docs", str(docs)]
+    result = CliRunner().invoke(script.app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    entry = json.loads((runs / "results.json").read_text())["ablation:no_attn_loss/s0"]
+    saved = LensConfig.from_yaml(runs / "ablation-no_attn_loss-s0" / "model" / CONFIG_NAME)
+    assert saved.loss.attention_weight == 0.0 and entry["train"]["steps"] == 2
+    assert "| no_attn_loss | loss.attention_weight=0 |" in docs.read_text()
