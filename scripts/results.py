@@ -410,6 +410,7 @@ def ablations(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = importlib.util.spec_from_file_location("ablation_rows", Path(__file__).with_name("ablations.py"))
     table = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = table  # its dataclasses look their module up
     spec.loader.exec_module(table)
     chosen = rows.split(",")
     unknown = sorted(set(chosen) - set(table.ROWS))
