@@ -139,7 +139,8 @@ def evaluate_checkpoint(
         raise ValueError(
             "nothing to evaluate: configure ReasonSeg / REFER roots, data.datasets, or a cache_root"
         )
-    return evaluate(model, chosen, output_dir, batch_size, accelerator, limit, save_predictions)
+    method = model_config.baseline.system or "LENS"  # the tables' row name: the system evaluated
+    return evaluate(model, chosen, output_dir, batch_size, accelerator, limit, save_predictions, method)
 
 
 def read_records(output_dir: str | Path) -> dict[str, dict[str, Any]]:
