@@ -32,6 +32,17 @@ from lens.losses import lens_loss
 EDGE_MARGIN = 1e-3  # cells: how far inside the image's edge a clamped keypoint stays
 
 
+def mask_targets(masks: Sequence[np.ndarray | Tensor] | None) -> list[Tensor] | None:
+    """Per-sample target masks as ``LensInputs.masks`` holds them: uint8 (1 target, 0 background, 255 ignore)."""
+    return None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
+
+
+def trainable_tensors(module: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """``names``' parameters of ``module``, detached: what a checkpoint of its trainable part saves."""
+    tensors = dict(module.named_parameters())
+    return {name: tensors[name].detach() for name in names}
+
+
 S = TypeVar("S")
 M = TypeVar("M")
 
@@ -128,8 +139,7 @@ class LensModel(nn.Module):
         ]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        tensors = dict(self.named_parameters())
-        return {name: tensors[name].detach() for name in self.trainable_names()}
+        return trainable_tensors(self, self.trainable_names())
 
     def prepare(
         self,
@@ -138,9 +148,7 @@ class LensModel(nn.Module):
         masks: Sequence[np.ndarray | Tensor] | None = None,
     ) -> LensInputs:
         """Run the frozen MLLM (to layer k) and the decoder's image encoder, in inference mode."""
-        targets = (
-            None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
-        )
+        targets = mask_targets(masks)
         if _use_streams(self.device):  # the image encoder on a second stream, alongside the MLLM prefill
             distinct, index = unique_images(images)
             embeddings, features = _alongside(

@@ -46,13 +46,18 @@ def _load_decoder(config: LensConfig, device: str | torch.device = "cpu") -> Mas
     )
 
 
-def load_frozen(config: LensConfig, device: str | torch.device = "cpu") -> tuple[Backbone, MaskDecoderBridge]:
-    """The pretrained MLLM and mask decoder ``config`` names (``lens:`` assets resolved), as LENS loads them."""
-    decoder = _load_decoder(config, device)
+def load_frozen_backbone(config: LensConfig, device: str | torch.device = "cpu") -> Backbone:
+    """The pretrained MLLM ``config`` names (a ``lens:`` asset resolved)."""
     backbone_config = dataclasses.replace(
         config.backbone, model_id=resolve_model_id(config.backbone.model_id)
     )
-    return load_backbone(backbone_config, device=device), decoder
+    return load_backbone(backbone_config, device=device)
+
+
+def load_frozen(config: LensConfig, device: str | torch.device = "cpu") -> tuple[Backbone, MaskDecoderBridge]:
+    """The pretrained MLLM and mask decoder ``config`` names (``lens:`` assets resolved), as LENS loads them."""
+    decoder = _load_decoder(config, device)
+    return load_frozen_backbone(config, device), decoder
 
 
 def build_lens(config: LensConfig, device: str | torch.device = "cpu") -> LensModel:

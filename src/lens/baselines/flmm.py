@@ -32,7 +32,7 @@ from lens.baselines.common import mask_losses, requires_grad_names
 from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
 from lens.geometry import ImageGeometry, pad_grids, valid_cell_mask
-from lens.model import LensInputs, LensOutput
+from lens.model import LensInputs, LensOutput, mask_targets, trainable_tensors
 
 # Hugging Face ``SamModel``: its own prompt encoder takes the box and mask prompts
 SUPPORTED_DECODERS = ("sam",)
@@ -358,8 +358,7 @@ class FlmmModel(nn.Module):
         return requires_grad_names(self)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        tensors = dict(self.named_parameters())
-        return {name: tensors[name].detach() for name in self.trainable_names()}
+        return trainable_tensors(self, self.trainable_names())
 
     def prepare(
         self,
@@ -386,9 +385,7 @@ class FlmmModel(nn.Module):
                 distinct = [images[i] for i in first_of_each(index)]
             embeddings = self.decoder.embed_images(distinct)
         embeddings = self.decoder.select(embeddings.clone(), index)
-        targets = (
-            None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
-        )
+        targets = mask_targets(masks)
         return FlmmInputs(features, embeddings, targets, [m.clone() for m in maps], [t.clone() for t in text])
 
     def coarse(self, maps: list[Tensor], geometries: list[ImageGeometry]) -> list[Tensor]:

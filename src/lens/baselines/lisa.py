@@ -25,7 +25,7 @@ from lens.baselines.seg_token import Conversation, SegPromptProjection, SegToken
 from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
 from lens.geometry import ImageGeometry
-from lens.model import LensInputs, LensOutput
+from lens.model import LensInputs, LensOutput, mask_targets, trainable_tensors
 
 
 @dataclass
@@ -60,8 +60,7 @@ class LisaModel(nn.Module):
         return requires_grad_names(self)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        tensors = dict(self.named_parameters())
-        return {name: tensors[name].detach() for name in self.trainable_names()}
+        return trainable_tensors(self, self.trainable_names())
 
     def prepare(
         self,
@@ -79,9 +78,7 @@ class LisaModel(nn.Module):
             )
             for im in images
         ]
-        targets = (
-            None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
-        )
+        targets = mask_targets(masks)
         conversation = self.mllm.conversation(images, instructions)
         return SegTokenInputs(None, embeddings, targets, conversation, geometries)  # type: ignore[arg-type]
 

@@ -19,7 +19,6 @@ agent with ``LensAgent``'s call signature, on the synthetic world's turns (routi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -37,8 +36,8 @@ from torch import nn
 from lens.agent.agent import AgentReply, LensAgent
 from lens.agent.conversation import Conversation
 from lens.agent.router import Route, Router, RouterPrompt
-from lens.assets import SYNTHETIC_LENS, resolve_model_id
-from lens.backbone import Backbone, load_backbone
+from lens.assets import SYNTHETIC_LENS
+from lens.backbone import Backbone
 from lens.baselines.lisa import LisaModel
 from lens.images import DEFAULT_MAX_PIXELS, load_image
 from lens.model import LensModel
@@ -139,7 +138,7 @@ class RoutedSystem(LensAgent):
         cls, lisa_checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any
     ) -> RoutedSystem:
         """The fine-tuned system from its checkpoint, and once more the original MLLM its config names."""
-        from lens.weights import checkpoint_config, load_lens
+        from lens.weights import checkpoint_config, load_frozen_backbone, load_lens
 
         _, config = checkpoint_config(lisa_checkpoint)
         lisa = load_lens(lisa_checkpoint, device)  # its own MLLM copy, fine-tuned in place, and SAM
@@ -147,9 +146,8 @@ class RoutedSystem(LensAgent):
             raise ValueError(
                 f"{lisa_checkpoint} holds a {config.baseline.system or 'LENS'} model, not a LISA-style one"
             )
-        # As lens.weights.load_frozen loads it, without a second SAM: only the MLLM is needed twice.
-        original = dataclasses.replace(config.backbone, model_id=resolve_model_id(config.backbone.model_id))
-        return cls(load_backbone(original, device=device).eval(), LisaPipeline(lisa), **kwargs)
+        # Without a second SAM: only the MLLM is needed twice.
+        return cls(load_frozen_backbone(config, device).eval(), LisaPipeline(lisa), **kwargs)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str = "", **kwargs: Any) -> RoutedSystem:  # type: ignore[override]

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from lens.backbone import LlavaBackbone, load_backbone
+from lens.backbone import LlavaBackbone
 from lens.baselines.common import mask_losses, requires_grad_names
 from lens.baselines.seg_token import Conversation, SegTokenMLLM
 from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
 from lens.geometry import DecoderFrame, GridFrame, ImageGeometry
-from lens.model import LensInputs, LensOutput
+from lens.model import LensInputs, LensOutput, mask_targets, trainable_tensors
 
 UPSCALE = 2  # s: SELF1E's 1 / downsample_ratio, each grid cell becomes s x s mask pixels before resizing
 LOSS_NAMES = ("loss", "ce_loss", "dice_loss", "bce_loss")
@@ -208,8 +208,7 @@ class Self1eModel(nn.Module):
         return requires_grad_names(self)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        tensors = dict(self.named_parameters())
-        return {name: tensors[name].detach() for name in self.trainable_names()}
+        return trainable_tensors(self, self.trainable_names())
 
     def prepare(
         self,
@@ -226,9 +225,7 @@ class Self1eModel(nn.Module):
             )
             for im in images
         ]
-        targets = (
-            None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
-        )
+        targets = mask_targets(masks)
         embeddings = self.decoder.embed_images(images)
         return Self1eInputs(None, embeddings, targets, conversation, geometries)  # type: ignore[arg-type]
 
@@ -306,9 +303,6 @@ def _output_of(module: nn.Module) -> Iterator[list[Tensor]]:
 def build(config: LensConfig, device: str | torch.device = "cpu") -> Self1eModel:
     """The pretrained MLLM ``config`` names, made a SELF1E segmenter (fresh LoRA, tokens, head). SAM is not
     loaded: nothing of it would run."""
-    from lens.assets import resolve_model_id
+    from lens.weights import load_frozen_backbone
 
-    backbone_config = dataclasses.replace(
-        config.backbone, model_id=resolve_model_id(config.backbone.model_id)
-    )
-    return Self1eModel(config, load_backbone(backbone_config, device=device))
+    return Self1eModel(config, load_frozen_backbone(config, device))

@@ -31,7 +31,7 @@ from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
 from lens.geometry import pad_grids, valid_cell_mask
 from lens.keypoints import nms
-from lens.model import LensInputs, LensOutput
+from lens.model import LensInputs, LensOutput, mask_targets
 from lens.probe import text_image_maps
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,7 @@ class TrainingFreeModel(nn.Module):
         maps = [m[self.settings.layer - 1] for m in text_image_maps(features, attentions)]
         distinct, index = unique_images(images)
         embeddings = self.decoder.select(self.decoder.embed_images(distinct), index)
-        targets = (
-            None if masks is None else [torch.as_tensor(np.asarray(m), dtype=torch.uint8) for m in masks]
-        )
+        targets = mask_targets(masks)
         return TrainingFreeInputs(features, embeddings, targets, maps)
 
     @torch.inference_mode()
