@@ -80,6 +80,20 @@ def recommend(layers: Sequence[LayerScore]) -> int:
     return max(layers, key=lambda s: (round(s.pointing, 9), s.mass)).layer
 
 
+def text_rows_on_grid(probs: Tensor, b: int, features: BackboneFeatures) -> Tensor:
+    """Prompt ``b``'s attention from its text tokens to its grid cells, averaged over the text tokens:
+    ``probs`` (B, ..., Lq, L), whose Lq rows are the last Lq positions -> (..., gh_b, gw_b)."""
+    gh, gw = (int(v) for v in features.grid_sizes[b])
+    cells = features.image_positions[b, : gh * gw]  # (gh*gw,) sequence index of each cell
+    t0, t1 = (int(v) for v in features.text_span[b])
+    offset = probs.shape[-1] - probs.shape[-2]  # rows start at this sequence position
+    if t0 < offset:
+        raise ValueError(f"text tokens from {t0} but attention rows only from {offset}")
+    rows = probs[b, ..., t0 - offset : t1 - offset, :].float()  # (..., L_t, L)
+    on_cells = rows.mean(-2)[..., cells.to(rows.device)]  # (..., gh*gw)
+    return on_cells.view(*on_cells.shape[:-1], gh, gw)
+
+
 def text_image_maps(features: BackboneFeatures, attentions: Sequence[Tensor]) -> list[Tensor]:
     """Per prompt, every layer's text→image map (eq. 1): (num_layers, gh_i, gw_i), not renormalised.
 
@@ -88,20 +102,10 @@ def text_image_maps(features: BackboneFeatures, attentions: Sequence[Tensor]) ->
         attentions: per layer, attention probabilities averaged over heads, (B, Lq, L); the Lq rows are the
             last Lq positions of the prompt (Lq < L when a shared prefix ran from a cache).
     """
-    maps = []
-    for b in range(features.hidden_states.shape[0]):
-        gh, gw = (int(v) for v in features.grid_sizes[b])
-        cells = features.image_positions[b, : gh * gw]  # (gh*gw,) sequence index of each cell
-        t0, t1 = (int(v) for v in features.text_span[b])
-        per_layer = []
-        for probs in attentions:
-            offset = probs.shape[-1] - probs.shape[-2]  # rows start at this sequence position
-            if t0 < offset:
-                raise ValueError(f"text tokens from {t0} but attention rows only from {offset}")
-            rows = probs[b, t0 - offset : t1 - offset].float()  # (L_t, L)
-            per_layer.append(rows.mean(0)[cells.to(rows.device)].view(gh, gw))
-        maps.append(torch.stack(per_layer).cpu())
-    return maps
+    return [
+        torch.stack([text_rows_on_grid(probs, b, features) for probs in attentions]).cpu()
+        for b in range(features.hidden_states.shape[0])
+    ]
 
 
 def cell_centres_on(geometry: ImageGeometry, target: Tensor) -> Tensor:

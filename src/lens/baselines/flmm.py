@@ -33,6 +33,7 @@ from lens.config import LensConfig
 from lens.decoders import MaskDecoderBridge
 from lens.geometry import ImageGeometry, pad_grids, valid_cell_mask
 from lens.model import LensInputs, LensOutput, mask_targets, trainable_tensors
+from lens.probe import text_rows_on_grid
 
 # Hugging Face ``SamModel``: its own prompt encoder takes the box and mask prompts
 SUPPORTED_DECODERS = ("sam",)
@@ -89,20 +90,10 @@ def text_image_head_maps(features: BackboneFeatures, attentions: Sequence[Tensor
         features: the backbone's features of the batch (where the text and the grid cells are).
         attentions: per layer, attention probabilities (B, heads, Lq, L); the Lq rows are the last Lq positions.
     """
-    maps = []
-    for b in range(features.hidden_states.shape[0]):
-        gh, gw = (int(v) for v in features.grid_sizes[b])
-        cells = features.image_positions[b, : gh * gw]  # (gh*gw,) sequence index of each cell
-        t0, t1 = (int(v) for v in features.text_span[b])
-        per_layer = []
-        for probs in attentions:
-            offset = probs.shape[-1] - probs.shape[-2]  # rows start at this sequence position
-            if t0 < offset:
-                raise ValueError(f"text tokens from {t0} but attention rows only from {offset}")
-            rows = probs[b, :, t0 - offset : t1 - offset].float()  # (heads, L_t, L)
-            per_layer.append(rows.mean(1)[:, cells.to(rows.device)].view(-1, gh, gw))
-        maps.append(torch.cat(per_layer))
-    return maps
+    return [
+        torch.cat([text_rows_on_grid(probs, b, features) for probs in attentions])  # (layers * heads, gh, gw)
+        for b in range(features.hidden_states.shape[0])
+    ]
 
 
 def text_hidden_states(
