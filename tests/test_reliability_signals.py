@@ -21,8 +21,15 @@ CONFIG = ROOT / "configs" / "synthetic.yaml"
 
 def _lens(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    # Ctrl-C in a terminal: SIGINT as the shell leaves it for a foreground job. A job launched in the
+    # background (`cmd &` from a script, as CI may be) inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler, so the child restores the default first.
     return subprocess.Popen(
-        [sys.executable, "-m", "lens.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "lens.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
