@@ -46,6 +46,40 @@ RESULTS = "results.json"
 app = typer.Typer(add_completion=False)
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """The results file: ``{"<system>/s<seed>" or "ablation:<row>/s<seed>": entry}``; empty when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise typer.BadParameter(
+            f"{path} is not a results file ({error}); nothing was overwritten"
+        ) from error
+    if not isinstance(record, dict):
+        raise typer.BadParameter(
+            f"{path} is not a results file (a JSON object of entries); nothing was overwritten"
+        )
+    return record
+
+
+def update_record(path: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Set one entry of the results file and return the whole record. The file is re-read under a lock, so that
+    runs scoring different systems at once keep each other's entries, and written through a temporary file, so
+    that an interrupted write loses nothing."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_record(path)
+        results[key] = entry
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1) + "\n")
+        partial.replace(path)
+    return results
+
+
 def run_dir(root: Path, system: str, seed: int) -> Path:
     return root / f"{system}-s{seed}"
 
@@ -258,6 +292,9 @@ def main(
     ] = None,
     docs: Annotated[Path | None, typer.Option(help="rewrite this file's generated tables")] = None,
     train_only: Annotated[bool, typer.Option(help="train, then stop (score later)")] = False,
+    record: Annotated[
+        Path | None, typer.Option(help="the results file (default RUNS/results.json; commit it to keep it)")
+    ] = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     runs.mkdir(parents=True, exist_ok=True)
@@ -266,8 +303,8 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown systems {unknown}; known: {SYSTEMS}")
     cfg = LensConfig.from_yaml(config).override(list(set_ or []))
-    results_file = runs / RESULTS
-    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results_file = record or runs / RESULTS
+    results = read_record(results_file)
     seed_list = [int(s) for s in seeds.split(",")]
     for system in chosen:
         for seed in seed_list if system in TRAINED else [0]:
@@ -285,6 +322,7 @@ def main(
                 key in results
                 and results[key].get("steps") == steps
                 and results[key].get("eval_limit") == eval_limit
+                and "source" not in results[key]  # a carried-over row is re-scored when its run is there
             ):
                 continue
             model = load_system(runs, system, seed, cfg, layer)
@@ -309,11 +347,24 @@ def main(
             entry["pointing"] = pointing(model, test, pointing_queries)
             if system == "lens":
                 entry["alignment"] = alignment(model, test, pointing_queries)
-            results[key] = entry
-            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            results = update_record(results_file, key, entry)
             logger.info("%s: %s", key, json.dumps({k: v for k, v in entry.items() if k != "scores"}))
     if docs is not None:
         write_docs(docs, results)
+
+
+@app.command("tables")
+def tables_command(
+    record: Annotated[Path, typer.Option(help="a results file written by `run` / `ablations`")],
+    docs: Annotated[Path, typer.Option(help="rewrite this file's generated tables")] = Path(
+        "docs/results.md"
+    ),
+) -> None:
+    """Regenerate the tables of ``docs`` from a results file alone (no training, no scoring)."""
+    if not record.is_file():
+        raise typer.BadParameter(f"no results file at {record}")
+    write_docs(docs, read_record(record))
+    typer.echo(f"rewrote the generated tables of {docs} from {record}")
 
 
 @torch.inference_mode()
@@ -403,6 +454,7 @@ def ablations(
     pointing_queries: Annotated[int, typer.Option(min=1, help="test queries for A_c pointing")] = 400,
     docs: Annotated[Path | None, typer.Option(help="rewrite this file's generated tables")] = None,
     train_only: Annotated[bool, typer.Option(help="train, then stop (score later)")] = False,
+    record: Annotated[Path | None, typer.Option(help="the results file (default RUNS/results.json)")] = None,
 ) -> None:
     """LENS's ablation rows (scripts/ablations.py), trained on the same budget as the systems and scored alike."""
     import importlib.util
@@ -422,14 +474,15 @@ def ablations(
         )
     if train_only:
         return
-    results_file = runs / RESULTS
-    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results_file = record or runs / RESULTS
+    results = read_record(results_file)
     for row in chosen:
         key = f"ablation:{row}/s{seed}"
         if (
             key in results
             and results[key].get("steps") == steps
             and results[key].get("eval_limit") == eval_limit
+            and "source" not in results[key]  # a carried-over row is re-scored when its run is there
         ):
             continue
         directory = run_dir(runs, f"ablation-{row}", seed)
@@ -448,8 +501,7 @@ def ablations(
         out = runs / "eval" / f"ablation-{row}-s{seed}"
         entry["scores"] = scores(evaluate(model, splits, out, batch_size=8, limit=eval_limit, method=row))
         entry["pointing"] = pointing(model, next(s for s in splits if s.split == "test"), pointing_queries)
-        results[key] = entry
-        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        results = update_record(results_file, key, entry)
         logger.info("%s: pointing %.3f", key, entry["pointing"])
     if docs is not None:
         write_docs(docs, results)
@@ -503,6 +555,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
+def _name(system: str, entries: list[dict[str, Any]]) -> str:
+    """The row's name, marked when an entry's record was carried over rather than written by a scoring run."""
+    return system + (" †" if any("source" in e for e in entries) else "")
+
+
+def _footnote(entries: list[dict[str, Any]]) -> str:
+    sources = sorted({e["source"] for e in entries if "source" in e})
+    return "".join(f"\n\n† {source}" for source in sources)
+
+
 def tables(results: dict[str, Any]) -> dict[str, str]:
     """The generated Markdown blocks of docs/results.md from ``results.json``."""
     by_system: dict[str, list[dict[str, Any]]] = {}
@@ -510,6 +572,7 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
         if "ablation" not in entry:
             by_system.setdefault(entry["system"], []).append(entry)
     order = [s for s in SYSTEMS if s in by_system]
+    note = _footnote([e for e in results.values() if "ablation" not in e])
     lines = [
         "| system | seeds | trainable parameters | training peak RSS | training wall time | test cIoU | VQA (no captions) | captions | same answers as base | segmentation-style replies |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -525,13 +588,13 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
             else "—"
         )
         lines.append(
-            f"| {system} | {len(entries)} | {e0['trainable_parameters']:,} | {peak} | {wall} | "
+            f"| {_name(system, entries)} | {len(entries)} | {e0['trainable_parameters']:,} | {peak} | {wall} | "
             f"{_mean_std([e['scores']['synthetic/test']['overall']['ciou'] for e in entries])} | "
             f"{_mean_std([e['ability']['vqa'] for e in entries])} | {_mean_std([e['ability']['caption'] for e in entries])} | "
             f"{_mean_std([e['ability'].get('same_as_base', float('nan')) for e in entries])} | "
             f"{_mean_std([e['ability']['seg_style_replies'] for e in entries])} |"
         )
-    table1 = "\n".join(lines)
+    table1 = "\n".join(lines) + note
     head = "| system | val gIoU / cIoU | test gIoU / cIoU | test short | test long | test no-target gIoU | held-out phrasing gIoU / cIoU |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for system in order:
@@ -546,14 +609,15 @@ def tables(results: dict[str, Any]) -> dict[str, str]:
             return _mean_std([e["scores"][split].get(subset, {}).get("giou", float("nan")) for e in entries])
 
         lines.append(
-            f"| {system} | {pair('synthetic/val')} | {pair('synthetic/test')} | {one('synthetic/test', 'short')} | "
+            f"| {_name(system, entries)} | {pair('synthetic/val')} | {pair('synthetic/test')} | {one('synthetic/test', 'short')} | "
             f"{one('synthetic/test', 'long')} | {one('synthetic/test', 'kind:no_target')} | {pair('synthetic/test_heldout_phrasing')} |"
         )
-    table2 = "\n".join(lines)
+    table2 = "\n".join(lines) + note
     lines = ["| system | A_c pointing (test queries with a target) |", "|---|---:|"]
     for system in order:
-        lines.append(f"| {system} | {_mean_std([e['pointing'] for e in by_system[system]])} |")
-    evidence = "\n".join(lines)
+        entries = by_system[system]
+        lines.append(f"| {_name(system, entries)} | {_mean_std([e['pointing'] for e in entries])} |")
+    evidence = "\n".join(lines) + note
     align = [e["alignment"] for e in by_system.get("lens", []) if "alignment" in e]
     if align:
         a = align[0]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -119,3 +120,38 @@ def test_every_system_trains_scores_and_reaches_the_tables(tmp_path):
     saved = LensConfig.from_yaml(runs / "ablation-no_attn_loss-s0" / "model" / CONFIG_NAME)
     assert saved.loss.attention_weight == 0.0 and entry["train"]["steps"] == 2
     assert "| no_attn_loss | loss.attention_weight=0 |" in docs.read_text()
+
+
+def _entry(system: str, giou: float, **extra) -> dict:
+    scores = {
+        split: {"overall": {"giou": giou, "ciou": giou / 2, "count": 3}}
+        for split in ("synthetic/val", "synthetic/test", "synthetic/test_heldout_phrasing")
+    }
+    ability = {"vqa": 0.5, "caption": 0.25, "seg_style_replies": 0.0, "same_as_base": 1.0, "questions": 4}
+    return {"system": system, "seed": 0, "steps": 2, "eval_limit": None, "trainable_parameters": 7,
+            "scores": scores, "ability": ability, "pointing": 0.75, **extra}  # fmt: skip
+
+
+def test_the_record_keeps_every_writers_entries_and_marks_carried_over_rows(tmp_path):
+    script = _script()
+    record = tmp_path / "results.json"
+    script.update_record(record, "lens/s0", _entry("lens", 0.625))
+    # a second writer that read the file before the first wrote still keeps the first's entry
+    script.update_record(record, "flmm/s0", _entry("flmm", 0.5, source="carried over from somewhere"))
+    assert sorted(json.loads(record.read_text())) == ["flmm/s0", "lens/s0"]
+    docs = tmp_path / "results.md"
+    docs.write_text("".join(f"<!-- results:{n} -->\nold\n<!-- /results:{n} -->\n" for n in script.tables({})))
+    result = CliRunner().invoke(script.app, ["tables", "--record", str(record), "--docs", str(docs)])
+    assert result.exit_code == 0, result.output
+    text = docs.read_text()
+    assert "| lens | 1 | 7 |" in text and "| flmm † | 1 | 7 |" in text
+    assert "0.625 / 0.312" in text and "† carried over from somewhere" in text and "old" not in text
+
+
+def test_a_damaged_record_is_refused_and_left_as_it_was(tmp_path):
+    script = _script()
+    record = tmp_path / "results.json"
+    record.write_text('{"lens/s0": ')
+    with pytest.raises(typer.BadParameter, match="not a results file"):
+        script.update_record(record, "lisa/s0", _entry("lisa", 0.1))
+    assert record.read_text() == '{"lens/s0": '
