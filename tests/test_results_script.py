@@ -136,7 +136,7 @@ def test_the_record_keeps_every_writers_entries_and_marks_carried_over_rows(tmp_
     script = _script()
     record = tmp_path / "results.json"
     script.update_record(record, "lens/s0", _entry("lens", 0.625))
-    # a second writer that read the file before the first wrote still keeps the first's entry
+    # each write re-reads the file, so a second writer (another scoring run) keeps the first's entry
     script.update_record(record, "flmm/s0", _entry("flmm", 0.5, source="carried over from somewhere"))
     assert sorted(json.loads(record.read_text())) == ["flmm/s0", "lens/s0"]
     docs = tmp_path / "results.md"
